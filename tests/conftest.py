@@ -1,0 +1,65 @@
+"""Tiny models built from configs, in code (PEFT's testing style): no download, seconds to run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 96
+
+
+def make_tiny_llama(seed: int = 0, vocab: int = VOCAB):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_tiny_bert(seed: int = 0, num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_tiny_bert()
+
+
+def lm_batch(batch: int = 4, length: int = 12, prompt: int = 4, seed: int = 0, vocab: int = VOCAB) -> dict:
+    """Random token batch with -100 on a prompt prefix and on right padding of the last row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    attention = torch.ones_like(ids)
+    labels[-1, length - 3:] = -100
+    attention[-1, length - 3:] = 0
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def cls_batch(batch: int = 8, length: int = 10, num_labels: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, num_labels, (batch,), generator=g)}

@@ -106,14 +106,19 @@ def _copy(dist: Path, inner: str, target: Path) -> Path:
 
 
 def _jsonl_rows(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    # Split on "\n" only: str.splitlines() also breaks on U+2028/U+0085 inside texts.
+    return [json.loads(line) for line in data.decode("utf-8").split("\n") if line.strip()]
+
+
+# JSON leaves these unescaped, but str.splitlines() and some readers treat them as line ends.
+_LINE_SEPS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False).translate(_LINE_SEPS) + "\n")
             n += 1
     return n
 
@@ -308,13 +313,12 @@ def _norm(s: str) -> str:
 
 
 def _find_dist(folder: Path, spec: str) -> Path | None:
-    """A wheel or sdist for ``name==version`` in ``folder`` (file names are normalised)."""
-    prefix = _norm(spec.replace("==", "-"))
-    for p in sorted(Path(folder).iterdir()):
-        n = _norm(p.name)
-        if p.is_file() and n.startswith(prefix) and n[len(prefix):][:1] in ("_", ""):
-            return p
-    return None
+    """A wheel or sdist for ``name==version`` in ``folder`` (name separators normalised)."""
+    name, _, version = spec.partition("==")
+    name_re = "[-_.]+".join(map(re.escape, re.split(r"[-_.]+", name)))
+    pat = re.compile(rf"{name_re}-{re.escape(version)}(-.*\.whl|\.tar\.gz|\.zip)", re.I)
+    hits = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and pat.fullmatch(p.name)]
+    return hits[0] if hits else None
 
 
 def download(spec: str, dest: Path) -> Path:

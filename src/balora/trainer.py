@@ -86,11 +86,14 @@ class BALoraTrainerMixin:
                 hook.remove()
         ref_logits = self._reference_logits(model, model_inputs) if cfg is not None else None
 
-        if task == "nlg":
-            terms = nlg_terms(outputs.logits, labels, cfg, ref_logits)
-        else:
-            self._warn_if_degenerate(cfg, outputs.logits)
-            terms = nlu_terms(outputs.logits, labels, cfg, ref_logits, features[0] if features else None)
+        try:
+            if task == "nlg":
+                terms = nlg_terms(outputs.logits, labels, cfg, ref_logits)
+            else:
+                self._warn_if_degenerate(cfg, outputs.logits)
+                terms = nlu_terms(outputs.logits, labels, cfg, ref_logits, features[0] if features else None)
+        except torch.linalg.LinAlgError as error:  # the SVD of non-finite logits: training has diverged
+            raise FloatingPointError(self._diverged_message("the SVD term's input (non-finite logits)")) from error
         loss = self._combine(terms, num_items_in_batch, record=model.training)
         return (loss, outputs) if return_outputs else loss
 
@@ -180,6 +183,13 @@ class BALoraTrainerMixin:
                 cfg.svd_k, logits.shape[-1],
             )
 
+    def _diverged_message(self, what: str) -> str:
+        return (
+            f"BA-LoRA: {what} at step {self.state.global_step}. Checkpoints already written to "
+            f"{self.args.output_dir} are intact. Lower the learning rate or the λ of the term, use float32 "
+            "or bf16 instead of fp16, or check the data for broken examples."
+        )
+
     # ------------------------------------------------------------------ logging
     def _record(self, name: str, value: torch.Tensor) -> None:
         current = self._sums[name]
@@ -195,11 +205,7 @@ class BALoraTrainerMixin:
                 key = name if name == "task_loss" else f"balora/{name}"
                 logs[key] = value
                 if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"BA-LoRA: {key} became {value} at step {self.state.global_step}. Checkpoints already "
-                        f"written to {self.args.output_dir} are intact. Lower the learning rate or the λ of this "
-                        "term, or check the data for examples without any trainable label."
-                    )
+                    raise FloatingPointError(self._diverged_message(f"{key} became {value}"))
             if self.balora_config is not None:
                 for i, lam in enumerate(self.balora_config.lambdas_at(self.state.global_step, self.state.max_steps), 1):
                     logs[f"balora/lambda{i}"] = lam

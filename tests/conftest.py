@@ -63,3 +63,15 @@ def cls_batch(batch: int = 8, length: int = 10, num_labels: int = 2, seed: int =
     ids = torch.randint(1, VOCAB, (batch, length), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "labels": torch.randint(0, num_labels, (batch,), generator=g)}
+
+
+def make_word_tokenizer(vocab: int = VOCAB):
+    """A word-level tokenizer over w0..w{vocab-4} plus <pad>, <eos>, <unk>: real tokenizer code, no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    words.update({f"w{i}": i + 3 for i in range(vocab - 3)})
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

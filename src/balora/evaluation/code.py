@@ -159,7 +159,8 @@ def read_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
     return samples
 
 
-def evaluate_samples(samples: Iterable[Mapping[str, Any]], problems: Mapping[str, Mapping[str, Any]],
+def evaluate_samples(samples: Iterable[Mapping[str, Any]],
+                     problems: Mapping[str, Mapping[str, Any]],
                      k: Sequence[int] = (1, 10, 100), *, timeout: float = 5.0,
                      max_workers: int | None = None, sandbox: Sandbox | None = None
                      ) -> dict[str, Any]:

@@ -347,8 +347,7 @@ class _SympyWorker:
         # sympy's import is not charged to the first comparison's timeout.
         line = self._readline(proc, 60.0)
         if line != "ready":
-            proc.kill()
-            proc.wait()
+            self._stop(proc)
             raise RuntimeError(f"sympy worker failed to start (said {line!r})")
         return proc
 
@@ -378,10 +377,16 @@ class _SympyWorker:
             reply = json.loads(line)
             return reply.get("equal")
 
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> None:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+
     def _kill(self) -> None:
         if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
+            self._stop(self._proc)
             self._proc = None
 
     def close(self) -> None:

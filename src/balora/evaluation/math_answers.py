@@ -297,6 +297,8 @@ def _convert(s: str) -> str:
 def latex_to_sympy_text(latex: str) -> str | None:
     """Light LaTeX -> sympy-parsable text (\\frac, \\sqrt, ^, \\cdot, \\pi, \\left/\\right, ...).
 
+    Used instead of ``sympy.parsing.latex`` because that needs ``antlr4-python3-runtime``, which
+    is not installed in this environment (and is pinned to a sympy-specific version).
     Returns None for anything outside that subset. The output only contains digits, operators,
     brackets, single-letter symbols and a whitelist of function names, because sympy's
     ``parse_expr`` ends in ``eval`` and must never see arbitrary model output.

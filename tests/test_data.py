@@ -354,6 +354,8 @@ def test_split_keeps_file_positions_for_errors(tmp_path):
     parts = split_records(load_records(str(path)), seed=0, test_fraction=0.3)
     rec = parts["test"][0]
     assert parts["test"].where(0) == f"{path}:{rec['x'] + 1}"
+    tail = parts["train"][-2:]  # slicing (train_limit) keeps positions too
+    assert tail.where(1) == f"{path}:{tail[1]['x'] + 1}"
 
 
 def test_asdiv_like_duplicates_never_straddle(tmp_path):

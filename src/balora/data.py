@@ -76,6 +76,11 @@ class Records(list):
             return f"{self.source}:{self.lines[i]}"
         return f"{self.source}: record {i + 1}"
 
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):  # keep file positions through records[:limit]
+            return _subset(self, list(range(len(self)))[i])
+        return super().__getitem__(i)
+
 
 def _where(records: Sequence[dict], i: int, source_name: str | None) -> str:
     if isinstance(records, Records):

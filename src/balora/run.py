@@ -1,0 +1,254 @@
+"""One training run, end to end: config → model + data → trainer → artefacts → evaluation → metrics.json.
+
+The run directory holds::
+
+    config.yaml          the resolved configuration (every default filled in)
+    checkpoints/         Trainer checkpoints (resume with --resume)
+    adapter/             the PEFT adapter (PiSSA: load with balora.load_trained on the untouched base)
+    lora_converted/      plain LoRA for the untouched base model (PeftModel.from_pretrained)
+    merged/              the full fine-tuned model (only with save_merged: true, or later with balora export --merge)
+    label_map.json       NLU: label → class id
+    log_history.json     every logged step (task loss, each raw and λ-weighted term, λ)
+    metrics.json         test metrics, train time, peak memory, data statistics, versions
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as D
+from .assets import resolve
+from .run_config import RunConfig, dump_run_config
+
+logger = logging.getLogger(__name__)
+
+# Defaults of ours where transformers' do not suit short CPU runs; any may be overridden in `training`.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "report_to": [],
+    "seed": 42,
+    "ddp_find_unused_parameters": False,
+}
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    test: list[dict]
+    validation: list[dict]
+    collator: Any
+    label_map: dict[str, int] | None
+    stats: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"balora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- data
+def raw_splits(cfg: RunConfig) -> dict[str, list[dict]]:
+    d = cfg.data
+    if d.splits == "rotten-tomatoes":
+        parts = D.rotten_tomatoes_splits(seed=d.split_seed)
+    elif d.splits == "boolq":
+        parts = D.boolq_splits(seed=d.split_seed)
+    elif d.splits == "asdiv":
+        parts = {k: D.asdiv_instruction_records(v) if v else v for k, v in D.asdiv_splits(seed=d.split_seed).items()}
+    else:
+        parts = D.load_splits(d.source, seed=d.split_seed, validation_fraction=d.validation_fraction,
+                              test_fraction=d.test_fraction)
+    if d.train_limit is not None:
+        parts["train"] = parts["train"][: d.train_limit]
+    if d.test_limit is not None:
+        parts["test"] = parts["test"][: d.test_limit]
+    return parts
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
+    d = cfg.data
+    parts = raw_splits(cfg)
+    if not parts["train"]:
+        raise D.DataError(f"{d.source}: the training split is empty")
+    stats: dict[str, Any] = {name: len(rows) for name, rows in parts.items()}
+    if cfg.model.task == "nlu":
+        ccfg = D.ClassificationDataConfig(text_field=d.text_field, text_pair_field=d.text_pair_field,
+                                          label_field=d.label_field, max_length=d.max_length)
+        train, label_map = D.build_classification_dataset(parts["train"], tokenizer, ccfg, source_name=f"{d.source}[train]")
+        built = {name: D.build_classification_dataset(parts[name], tokenizer, ccfg, label_map, f"{d.source}[{name}]")[0]
+                 for name in ("validation", "test") if parts.get(name)}
+        collator = D.classification_collator(tokenizer)
+    else:
+        icfg = D.InstructionDataConfig(query_field=d.query_field, response_field=d.response_field,
+                                       context_field=d.context_field, template=d.template, max_length=d.max_length)
+        train, train_stats = D.build_instruction_dataset(parts["train"], tokenizer, icfg, source_name=f"{d.source}[train]")
+        stats["train_tokens"] = train_stats
+        built = {}
+        for name in ("validation", "test"):
+            if parts.get(name):
+                built[name], stats[f"{name}_tokens"] = D.build_instruction_dataset(
+                    parts[name], tokenizer, icfg, source_name=f"{d.source}[{name}]")
+        label_map = None
+        collator = D.InstructionCollator(tokenizer)
+    return PreparedData(train, built.get("test", []), built.get("validation", []), collator, label_map, stats)
+
+
+# ---------------------------------------------------------------------------- model
+def load_tokenizer(cfg: RunConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve(cfg.model.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as error:
+        raise OSError(f"model.name={cfg.model.name!r}: cannot load its tokenizer ({error}). Offline, use "
+                      "asset:smollm2 or asset:minilm after `balora assets fetch`, or a local directory.") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: RunConfig, label_map: dict[str, int] | None = None) -> torch.nn.Module:
+    """The pre-trained model (a fresh, seeded classification head for NLU)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    path = resolve(cfg.model.name)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, cfg.model.dtype), "revision": cfg.model.revision,
+                              "trust_remote_code": cfg.model.trust_remote_code}
+    try:
+        if cfg.model.task == "nlu":
+            num_labels = len(label_map) if label_map else 1
+            id2label = {i: str(lab) for lab, i in (label_map or {}).items()} or None
+            set_seed(int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"])))  # the head's initialisation
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, id2label=id2label,
+                label2id={v: k for k, v in id2label.items()} if id2label else None, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise OSError(f"model.name={cfg.model.name!r}: cannot load the model ({error}). Offline, use "
+                      "asset:smollm2 or asset:minilm after `balora assets fetch`, or a local directory.") from error
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict[str, int] | None) -> dict[str, Any]:
+    """NLU: accuracy, macro-F1, MCC, per-class recall. NLG: mean per-token loss of the responses."""
+    if not dataset:
+        return {}
+    if task == "nlu":
+        from .evaluation.classification import classification_metrics, regression_metrics
+
+        output = trainer.predict(dataset)
+        logits = torch.as_tensor(output.predictions)
+        labels = torch.as_tensor(output.label_ids)
+        if label_map is None:
+            return regression_metrics(labels.tolist(), logits.reshape(-1).tolist())
+        names = {i: lab for lab, i in label_map.items()}
+        preds = logits.argmax(-1).tolist()
+        return classification_metrics([names[int(i)] for i in labels.tolist()], [names[int(i)] for i in preds],
+                                      labels=list(label_map))
+    metrics = trainer.evaluate(dataset, metric_key_prefix="test")
+    return {"loss": metrics["test_loss"], "perplexity": float(torch.exp(torch.tensor(metrics["test_loss"])))}
+
+
+# ---------------------------------------------------------------------------- the run
+def latest_checkpoint(checkpoints: Path) -> str | None:
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
+
+
+def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Train, save the artefacts and evaluate; returns what it writes to ``metrics.json``."""
+    from transformers import TrainingArguments
+
+    from .adapters import build_peft_model, trainable_parameter_count
+    from .export import save_adapter, save_converted_lora, save_merged
+    from .progress import BALoraProgressCallback
+    from .trainer import BALoraTrainer
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = out / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints) if resume else None
+    if resume and resume_from is None:
+        logger.warning("--resume: no checkpoint in %s; starting from step 0", checkpoints)
+    elif not resume and latest_checkpoint(checkpoints):
+        raise FileExistsError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run, "
+                              f"or choose another output_dir=...")
+    dump_run_config(cfg, out / "config.yaml")
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    if data.label_map is not None:
+        (out / "label_map.json").write_text(json.dumps(data.label_map, indent=2))
+    model = load_base_model(cfg, data.label_map)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    adapter = cfg.adapter_config()
+    peft_model = build_peft_model(model, adapter, cfg.model.task)
+    trainable, total = trainable_parameter_count(peft_model)
+
+    training = {**TRAINING_DEFAULTS, **cfg.training}
+    args = TrainingArguments(output_dir=str(checkpoints), disable_tqdm=True, **training)
+    trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=data.train,
+                            eval_dataset=data.validation or None, data_collator=data.collator,
+                            balora_config=cfg.balora_config())
+    if show_progress:
+        trainer.add_callback(BALoraProgressCallback())
+
+    metrics: dict[str, Any] = {"method": cfg.method, "model": cfg.model.name, "task": cfg.model.task,
+                               "trainable_parameters": trainable, "total_parameters": total, "data": data.stats}
+    if cfg.eval.before_training:
+        metrics["untuned"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map)
+    train_started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics["train_seconds"] = time.perf_counter() - train_started
+    metrics["train_loss"] = result.training_loss
+    metrics["global_step"] = trainer.state.global_step
+
+    save_adapter(peft_model, out / "adapter", {"method": cfg.method, "init_seed": adapter.init_seed,
+                                                "pissa_niter": adapter.pissa_niter, "base_model": cfg.model.name})
+    tokenizer.save_pretrained(out / "adapter")
+    save_converted_lora(peft_model, out / "lora_converted")
+    if cfg.save_merged:
+        save_merged(peft_model, out / "merged", tokenizer)
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+
+    metrics["test"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    metrics["versions"] = versions()
+    metrics["command"] = " ".join(sys.argv)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics

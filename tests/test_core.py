@@ -273,3 +273,40 @@ def test_pissa_niter_rebuilds_the_same_residual(tmp_path):
     reloaded = load_trained(make_tiny_llama(), tmp_path / "adapter")
     with torch.no_grad():
         assert (reloaded(**inputs_of(lm_batch())).logits - want).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- logit-free (fused) path in the trainer
+def test_trainer_fused_loss_equals_full_logits_loss_and_gradients(tmp_path):
+    batch = variable_length_batch()
+    results = {}
+    for fused in (True, False):
+        model = build_peft_model(make_tiny_llama(seed=2), AdapterConfig(method="ba-lora", r=4), "nlg")
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        trainer = BALoraTrainer(model=model, args=args(tmp_path), balora_config=BALoraConfig(), fused_loss=fused,
+                                loss_chunk_size=7)
+        assert (trainer._fused is not None) == fused
+        model.train()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results[fused] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                          {k: v.item() for k, v in trainer._sums.items()})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-3, atol=1e-6)
+    for key, value in results[False][2].items():
+        assert results[True][2][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_trainable_output_layer_falls_back_to_full_logits(tmp_path, caplog):
+    adapter = AdapterConfig(method="ba-lora", r=4, target_modules=["q_proj", "v_proj", "lm_head"])
+    model = build_peft_model(make_tiny_llama(), adapter, "nlg")
+    with caplog.at_level("WARNING", logger="balora.trainer"):
+        trainer = BALoraTrainer(model=model, args=args(tmp_path), balora_config=BALoraConfig())
+    assert trainer._fused is None
+    assert "computing the loss from full logits: the output layer is adapted by PEFT" in caplog.text
+    model.train()
+    assert torch.isfinite(trainer.compute_loss(model, lm_batch()))

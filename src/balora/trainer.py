@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Trainer
 
 from .config import BALoraConfig
+from .fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
 from .losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate, nlu_terms
 from .reference import ReferenceSnapshot, reference_forward, teacher_forward
 
@@ -29,6 +30,8 @@ _NON_MODEL_KEYS = ("labels", "completion_mask", "assistant_masks")
 
 
 class BALoraTrainerMixin:
+    _fused_checked = False
+
     """Mix into a `transformers.Trainer` subclass: ``class T(BALoraTrainerMixin, Trainer)``.
 
     Args:
@@ -36,6 +39,10 @@ class BALoraTrainerMixin:
             baselines through the same code path, so that comparisons differ only in the method).
         reference_model: an explicit frozen teacher for the consistency term (``reference="teacher"``).
             By default the reference is the student with its initial trainable tensors switched in.
+        fused_loss: for causal LMs with a plain frozen output layer, compute the task loss and the
+            terms from the final hidden states in chunks of ``loss_chunk_size`` valid positions
+            (`balora.fused`), never holding (tokens × vocabulary) logits for backward. Exact; falls
+            back to full logits, with a logged reason, when the model does not qualify.
     """
 
     def __init__(
@@ -43,11 +50,15 @@ class BALoraTrainerMixin:
         *args: Any,
         balora_config: BALoraConfig | None = None,
         reference_model: nn.Module | None = None,
+        fused_loss: bool = True,
+        loss_chunk_size: int = 1024,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.balora_config = balora_config
         self.reference_model = reference_model
+        self.loss_chunk_size = loss_chunk_size
+        self._fused = self._fused_head(fused_loss)
         self._snapshot: ReferenceSnapshot | None = None
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         self._micro_batches = 0
@@ -76,6 +87,11 @@ class BALoraTrainerMixin:
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         task = cfg.task if cfg is not None else self._task_of(model)
+        if task == "nlg" and model.training and self._fused is not None:
+            outputs, terms = self._fused_nlg_terms(model, model_inputs, labels, cfg)
+            if terms is not None:
+                loss = self._combine(terms, num_items_in_batch)
+                return (loss, outputs) if return_outputs else loss
 
         features: list[torch.Tensor] = []
         hook = self._capture_head_input(model, features) if self._needs_features(cfg) else None
@@ -136,15 +152,56 @@ class BALoraTrainerMixin:
             loss = loss * self.accelerator.num_processes
         return loss
 
+    # ------------------------------------------------------------------ logit-free NLG path
+    def _fused_head(self, wanted: bool) -> tuple[torch.Tensor, torch.Tensor | None, OutputLayerFactor] | None:
+        """(weight, bias, SVD factor) of the output layer when the NLG loss can be computed from the
+        final hidden states in chunks (no (tokens × vocabulary) tensor kept for backward)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not wanted or self._task_of(unwrapped) != "nlg":
+            return None
+        ok, reason = supports_fused(unwrapped)
+        if not ok:
+            logger.warning("BA-LoRA: computing the loss from full logits: %s", reason)
+            return None
+        head = unwrapped.get_output_embeddings()
+        return head.weight, head.bias, OutputLayerFactor(head.weight, head.bias)
+
+    def _fused_nlg_terms(self, model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor,
+                         cfg: BALoraConfig | None) -> tuple[Any, MicroBatchTerms | None]:
+        """Student forward that keeps only the last position's logits and returns the final hidden
+        states (after the final norm), then the task loss and the terms from them, chunk-wise."""
+        weight, bias, factor = self._fused
+        light = {"output_hidden_states": -1, "logits_to_keep": 1}
+        outputs = model(**model_inputs, **light)
+        hidden = outputs.hidden_states[-1] if outputs.hidden_states is not None else None
+        if not self._fused_checked:
+            self._fused_checked = True
+            last = None if hidden is None else nn.functional.linear(hidden[:, -1:].detach(), weight, bias)
+            if last is None or outputs.logits is None or not torch.allclose(
+                    last.float(), outputs.logits.float(), rtol=1e-3, atol=1e-3):
+                logger.warning("BA-LoRA: the model's last hidden state does not give its logits through the "
+                               "output layer; computing the loss from full logits")
+                self._fused = None
+                return outputs, None
+        ref_hidden = None
+        if cfg is not None and cfg.lambda_consistency > 0:
+            ref_hidden = self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
+        terms = nlg_terms_from_hidden(hidden, labels, weight, bias, cfg, ref_hidden,
+                                      chunk_size=self.loss_chunk_size, svd_factor=factor)
+        return outputs, terms
+
     # ------------------------------------------------------------------ the reference
+    def _reference_outputs(self, model: nn.Module, model_inputs: dict[str, Any]) -> Any:
+        """The pre-trained model's outputs: the snapshot swapped into the student, or the teacher."""
+        if self.balora_config.reference == "teacher":
+            return teacher_forward(self.reference_model, **model_inputs)
+        return reference_forward(self.accelerator.unwrap_model(model), self._snapshot, **model_inputs)
+
     def _reference_logits(self, model: nn.Module, model_inputs: dict[str, Any]) -> torch.Tensor | None:
         cfg = self.balora_config
         if cfg is None or cfg.lambda_consistency == 0:
             return None
-        if cfg.reference == "teacher":
-            return teacher_forward(self.reference_model, **model_inputs).logits
-        unwrapped = self.accelerator.unwrap_model(model)
-        return reference_forward(unwrapped, self._snapshot, **model_inputs).logits
+        return self._reference_outputs(model, model_inputs).logits
 
     @property
     def reference_snapshot(self) -> ReferenceSnapshot | None:

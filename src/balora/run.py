@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import sys
@@ -205,7 +206,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     elif not resume and latest_checkpoint(checkpoints):
         raise FileExistsError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run, "
                               f"or choose another output_dir=...")
-    dump_run_config(cfg, out / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:
+        dump_run_config(cfg, out / "config.yaml")
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
@@ -237,6 +239,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
 
+    metrics["test"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map)  # every rank takes part
+    if not trainer.is_world_process_zero():  # under accelerate launch, rank 0 alone writes the artefacts
+        return metrics
     save_adapter(peft_model, out / "adapter", {"method": cfg.method, "init_seed": adapter.init_seed,
                                                 "pissa_niter": adapter.pissa_niter, "base_model": cfg.model.name})
     tokenizer.save_pretrained(out / "adapter")
@@ -244,8 +249,6 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     if cfg.save_merged:
         save_merged(peft_model, out / "merged", tokenizer)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-
-    metrics["test"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map)
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["peak_rss_mb"] = peak_rss_mb()
     metrics["versions"] = versions()

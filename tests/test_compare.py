@@ -1,0 +1,255 @@
+"""`balora compare`: a grid of tiny runs, resumption after a kill, retries and failed cells, the
+summary's mean ± std, fail-fast spec errors, and the NLG evaluation hook."""
+
+import argparse
+import json
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_tiny_bert, make_word_tokenizer
+
+from balora import run as run_module
+from balora.compare import add_compare_parser, load_spec, run_compare
+from balora.config import ConfigError
+from balora.run_config import dump_run_config
+
+RESULT_KEYS = {"schema_version", "cell_id", "grid", "group", "seed", "method", "status", "error", "attempts",
+               "metrics", "forgetting", "trainable_parameters", "total_parameters", "adapter_bytes",
+               "peak_rss_mb", "cell_peak_rss_mb", "peak_gpu_mb", "train_seconds", "wall_seconds", "global_step",
+               "train_tokens", "data", "run_dir", "config", "versions", "finished_at"}
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny_bert().save_pretrained(root / "tiny-bert")
+    make_word_tokenizer().save_pretrained(root / "tiny-bert")
+    rows = [{"text": " ".join(f"w{(i * 7 + j) % 40 + 3}" for j in range(6)) + (" w50" if i % 2 else " w60"),
+             "label": "pos" if i % 2 else "neg"} for i in range(40)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def write_spec(tmp_path: Path, assets: Path, **extra) -> Path:
+    """A run config file + a spec next to it that names it relatively: 2 methods × 2 seeds."""
+    base = {"method": "lora", "model": {"name": str(assets / "tiny-bert"), "task": "nlu"}, "adapter": {"r": 2},
+            "data": {"source": str(assets / "data.jsonl"), "test_fraction": 0.25, "max_length": 12},
+            "training": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                         "logging_steps": 1, "save_strategy": "no", "use_cpu": True}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "tiny", "base": "base.yaml", "output_dir": str(tmp_path / "out"),
+            "grid": {"method": ["lora", "ba-lora"], "training.seed": [1, 2]},
+            "overrides": ["training.max_steps=2"], "metrics": ["test.accuracy", "test.mcc"], **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+# ---------------------------------------------------------------- real tiny runs
+def test_grid_runs_resumes_after_a_kill_and_summarises(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets)
+    out = tmp_path / "out"
+
+    def kill(cell, result):  # a Ctrl-C right after the first cell finished
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(spec, show_progress=False, after_cell=kill, say=lambda m: None)
+    done = sorted(out.glob("cells/*/result.json"))
+    assert [p.parent.name for p in done] == ["method=lora,training.seed=1"]
+    assert not (out / "summary.md").exists()
+    first_mtime = done[0].stat().st_mtime_ns
+
+    trained = []
+
+    def counting_train(cfg, **kwargs):
+        trained.append(Path(cfg.output_dir).parent.name)
+        return run_module.train_run(cfg, **kwargs)
+
+    summary = run_compare(spec, show_progress=False, train_fn=counting_train, say=lambda m: None)
+    assert trained == ["method=lora,training.seed=2", "method=ba-lora,training.seed=1",
+                       "method=ba-lora,training.seed=2"]
+    assert done[0].stat().st_mtime_ns == first_mtime
+    assert summary["cells"] == {"total": 4, "ok": 4, "failed": 0, "pending": 0}
+
+    results = {p.parent.name: json.loads(p.read_text()) for p in out.glob("cells/*/result.json")}
+    r = results["method=ba-lora,training.seed=2"]
+    assert set(r) == RESULT_KEYS and r["schema_version"] == 1 and r["status"] == "ok"
+    assert r["grid"] == {"method": "ba-lora", "training.seed": 2} and r["seed"] == 2 and r["method"] == "ba-lora"
+    assert r["global_step"] == 2 and r["config"]["training"]["max_steps"] == 2
+    assert r["adapter_bytes"] > 0 and r["trainable_parameters"] > 0 and r["peak_rss_mb"] > 0
+    assert 0 <= r["metrics"]["test"]["accuracy"] <= 1
+
+    md = (out / "summary.md").read_text()
+    for method in ("lora", "ba-lora"):
+        accs = [results[f"method={method},training.seed={s}"]["metrics"]["test"]["accuracy"] for s in (1, 2)]
+        assert f"{fmt(accs)}" in md
+        group = next(g for g in summary["groups"] if g["label"] == f"method={method}")
+        assert group["metrics"]["test.accuracy"]["values"] == accs
+    assert "| method=lora | 2/2 |" in md and "| method=ba-lora | 2/2 |" in md
+    for name in ("metrics.png", "curves.png", "cost.png"):
+        assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG", name
+    assert json.loads((out / "summary.json").read_text())["cells"]["ok"] == 4
+
+
+# ---------------------------------------------------------------- a fake trainer: exact numbers, fast
+ACCURACY = {("lora", 1): 0.5, ("lora", 2): 0.7, ("ba-lora", 1): 0.8, ("ba-lora", 2): 0.9,
+            ("dora", 1): 0.6, ("dora", 2): 0.65}
+
+
+def fake_train(calls: list, fail: dict[str, int] | None = None):
+    """Writes what train_run writes, with made-up metrics; ``fail``: cell id -> attempts that raise."""
+    fail = dict(fail or {})
+
+    def train(cfg, *, resume=False, show_progress=True):
+        run = Path(cfg.output_dir)
+        cell = run.parent.name
+        calls.append((cell, resume))
+        run.mkdir(parents=True, exist_ok=True)
+        dump_run_config(cfg, run / "config.yaml")
+        if fail.get(cell, 0) > 0:
+            fail[cell] -= 1
+            raise RuntimeError(f"boom in {cell}")
+        (run / "adapter").mkdir(exist_ok=True)
+        (run / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+        seed = cfg.training["seed"]
+        (run / "log_history.json").write_text(json.dumps(
+            [{"step": s, "loss": 1.0 / s, "task_loss": 1.0 / s, "balora/svd": 0.1 * seed} for s in (1, 2)]))
+        acc = ACCURACY[(cfg.method, seed)]
+        metrics = {"method": cfg.method, "trainable_parameters": 100, "total_parameters": 1000, "global_step": 2,
+                   "train_seconds": 1.0 + seed, "peak_rss_mb": 500.0, "data": {"train": 30},
+                   "test": {"accuracy": acc, "mcc": 2 * acc - 1}, "versions": {"balora": "test"}}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    return train
+
+
+def test_failed_cell_is_retried_then_reported(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets)
+    data = yaml.safe_load(spec.read_text())
+    data["grid"]["method"] = ["lora", "ba-lora", "dora"]
+    spec.write_text(yaml.safe_dump(data))
+    calls: list = []
+    flaky, broken = "method=lora,training.seed=2", "method=dora,training.seed=2"
+    train = fake_train(calls, fail={flaky: 1, broken: 99})
+    summary = run_compare(spec, train_fn=train, say=lambda m: None)
+
+    assert [c for c, _ in calls].count(flaky) == 2 and [c for c, _ in calls].count(broken) == 2
+    out = tmp_path / "out"
+    bad = json.loads((out / "cells" / broken / "result.json").read_text())
+    assert bad["status"] == "failed" and bad["attempts"] == 2
+    assert bad["error"]["type"] == "RuntimeError" and "boom in" in bad["error"]["message"]
+    assert json.loads((out / "cells" / flaky / "result.json").read_text())["status"] == "ok"
+    assert summary["cells"] == {"total": 6, "ok": 5, "failed": 1, "pending": 0}
+
+    md = (out / "summary.md").read_text()
+    assert "| method=lora | 2/2 | 0.6000 ± 0.1414 |" in md
+    assert "| method=ba-lora | 2/2 | **0.8500 ± 0.0707** |" in md
+    assert "| method=dora | 1/2 | 0.6000 |" in md  # one seed: no std
+    assert "## Failed cells" in md and f"- {broken} (2 attempts): RuntimeError: boom in {broken}" in md
+    # ba-lora vs lora: Δ 0.25 > max(0.0707, 0.1414); dora has one seed: undetermined
+    assert "- **method=ba-lora**: test.accuracy: best; vs runner-up method=lora: Δ 0.2500 > 0.1414, beyond" in md
+    assert "- **method=dora**: test.accuracy: #3, 0.2500 behind method=ba-lora, undetermined" in md
+    assert summary["verdicts"]["test.accuracy"]["best"] == "method=ba-lora"
+
+    # a re-run skips every cell with a result.json (failed ones too) unless asked to retry them
+    calls.clear()
+    run_compare(spec, train_fn=train, say=lambda m: None)
+    assert calls == []
+    run_compare(spec, train_fn=fake_train(calls), retry_failed=True, say=lambda m: None)
+    assert [c for c, _ in calls] == [broken]
+    assert (tmp_path / "out" / "plots" / "curves.png").exists()
+
+
+def test_killed_cell_resumes_from_its_checkpoint_and_stale_results_are_refused(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets)
+    partial = tmp_path / "out" / "cells" / "method=lora,training.seed=1" / "run" / "checkpoints" / "checkpoint-1"
+    partial.mkdir(parents=True)
+    calls: list = []
+    run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+    assert calls[0] == ("method=lora,training.seed=1", True) and all(not resume for _, resume in calls[1:])
+
+    data = yaml.safe_load(spec.read_text())
+    data["overrides"] = ["training.max_steps=3"]
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"cell method=lora,training.seed=1: .* another configuration "
+                                          r"\(training.max_steps: 2 -> 3\)"):
+        run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+
+
+@pytest.mark.parametrize("grid,message", [
+    ({"method": ["lora"], "traning.seed": [1, 2]}, r"grid key 'traning.seed' = 1: traning: unknown section"),
+    ({"training.max_step": [3]}, r"grid key 'training.max_step' = 3: training.max_step: not a "
+                                 r"transformers.TrainingArguments option"),
+    ({"method": ["lora", "qlora"]}, r"grid key 'method' = 'qlora': method: 'qlora' is not one of"),
+    ({"output_dir": ["a"]}, r"grid.output_dir: not allowed"),
+])
+def test_grid_typo_fails_before_anything_runs(tmp_path, tiny_assets, grid, message):
+    spec = write_spec(tmp_path, tiny_assets)
+    data = yaml.safe_load(spec.read_text())
+    data["grid"] = grid
+    spec.write_text(yaml.safe_dump(data))
+    calls: list = []
+    with pytest.raises(ConfigError, match=message):
+        run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_spec_errors(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets, metric=["x"])
+    with pytest.raises(ConfigError, match=r"spec.yaml: metric: unknown spec key"):
+        load_spec(spec)
+    spec = write_spec(tmp_path, tiny_assets, base="nowhere.yaml")
+    with pytest.raises(ConfigError, match=r"base: 'nowhere.yaml' not found"):
+        load_spec(spec)
+
+
+def test_command_dry_run_lists_cells(tmp_path, tiny_assets, capsys):
+    spec = write_spec(tmp_path, tiny_assets)
+    parser = argparse.ArgumentParser(prog="balora")
+    add_compare_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", str(spec), "--dry-run", "--retries", "2"])
+    assert args.retries == 2 and args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "tiny: 4 cells" in out and "[4/4] pending  method=ba-lora,training.seed=2" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_tasks_go_through_the_harness(tmp_path, tiny_assets, monkeypatch):
+    seen = []
+
+    def evaluate(model_spec, tasks, **kwargs):
+        seen.append((Path(model_spec).name, list(tasks), kwargs["limit"]))
+        return {"tasks": {"forgetting": {"metrics": {"forgetting": 0.25, "cross_entropy": 3.0}}}}
+
+    fake = types.ModuleType("balora.evaluation.harness")
+    fake.TASKS, fake.evaluate = ("asdiv", "forgetting"), evaluate
+    monkeypatch.setitem(sys.modules, "balora.evaluation.harness", fake)
+    import balora.evaluation
+
+    monkeypatch.setattr(balora.evaluation, "harness", fake, raising=False)
+    spec = write_spec(tmp_path, tiny_assets, metrics=["test.accuracy", "forgetting"])
+    data = yaml.safe_load(spec.read_text())
+    data["overrides"] += ["eval.tasks=[forgetting]", "eval.limit=5"]
+    data["grid"] = {"method": ["lora"], "training.seed": [1, 2]}
+    spec.write_text(yaml.safe_dump(data))
+    summary = run_compare(spec, train_fn=fake_train([]), say=lambda m: None)
+    assert seen == [("run", ["forgetting"], 5)] * 2
+    result = json.loads((tmp_path / "out" / "cells" / "method=lora,training.seed=1" / "result.json").read_text())
+    assert result["forgetting"] == 0.25 and result["metrics"]["eval"]["forgetting"]["cross_entropy"] == 3.0
+    assert summary["lower_is_better"] == ["forgetting"]
+    assert "forgetting ↓" in (tmp_path / "out" / "summary.md").read_text()
+
+    data["overrides"][-2] = "eval.tasks=[gsm9k]"
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"eval.tasks: unknown task\(s\) \['gsm9k'\]"):
+        run_compare(spec, train_fn=fake_train([]), say=lambda m: None)

@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEFAULT_DEMO_STEPS)
     p.add_argument("--methods", default="ba-lora,pissa")
     p.set_defaults(func=_cmd_demo)
+
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

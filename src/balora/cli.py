@@ -1,4 +1,4 @@
-"""The `balora` command: train, export, info, assets, demo (and eval, when installed)."""
+"""The `balora` command: train, export, info, assets, demo, compare, eval."""
 
 from __future__ import annotations
 
@@ -132,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     from .compare import add_compare_parser
+    from .evaluation.cli import add_eval_parser
 
     add_compare_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -61,6 +61,10 @@ def test_values_and_gradients_match_full_logits(dtype, with_bias, top_k, tempera
                                        msg=lambda m: f"{name}, chunk {chunk}: {m}")
         _combine(fused, coeffs).backward()
         assert h.grad.dtype == dtype
+        with torch.no_grad():  # the forward-only path skips the gradient work but not the values
+            plain = nlg_terms_from_hidden(hidden, labels, weight, bias, cfg, ref, chunk_size=chunk, svd_factor=factor)
+        for name in TERMS:
+            torch.testing.assert_close(getattr(plain, name), getattr(fused, name).detach())
         # bf16 gradients: both paths round the same float32 gradient, at most one bf16 ulp apart.
         assert _rel(h.grad, h_naive.grad) < (1e-3 if dtype == torch.float32 else 1e-2), chunk
 
@@ -109,8 +113,11 @@ def test_no_valid_position_gives_zeros_attached_to_the_graph():
     assert torch.equal(h.grad, torch.zeros_like(h))
 
 
-def test_trainable_weight_is_refused():
+def test_trainable_weight_or_foreign_factor_is_refused():
     hidden, ref, weight, bias, labels = _inputs(torch.float32, False)
+    with pytest.raises(ValueError, match="another output layer"):
+        nlg_terms_from_hidden(hidden, labels, weight, bias, BALoraConfig(), ref,
+                              svd_factor=OutputLayerFactor(weight.clone()))
     with pytest.raises(ValueError, match="frozen"):
         nlg_terms_from_hidden(hidden, labels, weight.requires_grad_(), bias, BALoraConfig(), ref)
 

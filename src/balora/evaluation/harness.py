@@ -282,7 +282,8 @@ def _run_forgetting(ev: EvalModel, texts: list[str], opts: EvalOptions,
     from .likelihood import corpus_cross_entropy
 
     kw = {"max_tokens": opts.forgetting_max_tokens, "batch_size": opts.batch_size}
-    after = corpus_cross_entropy(ev.model, ev.tokenizer, texts, **kw)
+    after = corpus_cross_entropy(ev.model, ev.tokenizer, texts, **kw,
+                                 progress=_every_tenth(progress, "documents"))
     metrics: dict[str, Any] = {k: after[k] for k in ("cross_entropy", "perplexity", "documents",
                                                      "tokens", "max_tokens")}
     records = [{"index": i, "cross_entropy": ce} for i, ce in enumerate(after["per_document"])]
@@ -297,7 +298,8 @@ def _run_forgetting(ev: EvalModel, texts: list[str], opts: EvalOptions,
         return TaskOutput(metrics, records)
     progress("  forgetting: scoring the base model")
     base = loader()
-    before = corpus_cross_entropy(base.model, base.tokenizer, texts, **kw)
+    before = corpus_cross_entropy(base.model, base.tokenizer, texts, **kw,
+                                  progress=_every_tenth(progress, "documents (base)"))
     del base
     metrics.update(base_model=opts.base_model or ev.base_spec,
                    base_cross_entropy=before["cross_entropy"], base_perplexity=before["perplexity"],
@@ -307,13 +309,25 @@ def _run_forgetting(ev: EvalModel, texts: list[str], opts: EvalOptions,
     return TaskOutput(metrics, records)
 
 
+def _every_tenth(progress: Progress, what: str) -> Callable[[int, int], None]:
+    """A (done, total) callback that reports at each further tenth of the work."""
+    reported = [0]
+
+    def report(done: int, total: int) -> None:
+        if done == total or done * 10 // total > reported[0]:
+            reported[0] = done * 10 // total
+            progress(f"  {done}/{total} {what} scored")
+    return report
+
+
 def _likelihood_task(scorer_name: str) -> Callable[..., TaskOutput]:
     def run(ev: EvalModel, rows: list[dict[str, Any]], opts: EvalOptions,
             progress: Progress) -> TaskOutput:
         from . import likelihood
 
         out = getattr(likelihood, scorer_name)(ev.model, ev.tokenizer, rows,
-                                               batch_size=opts.batch_size)
+                                               batch_size=opts.batch_size,
+                                               progress=_every_tenth(progress, "texts"))
         records = out.pop("records")
         return TaskOutput(out, records)
     return run

@@ -39,7 +39,9 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+Progress = Callable[[int, int], None]  # (texts scored, texts)
 
 import torch
 
@@ -88,7 +90,7 @@ def _encode_pairs(tokenizer: Any, requests: Sequence[tuple[str, str]]
 
 @torch.no_grad()
 def _score_encoded(model: Any, items: Sequence[tuple[list[int], int]], batch_size: int,
-                   pad_id: int) -> list[tuple[float, int]]:
+                   pad_id: int, progress: Progress | None = None) -> list[tuple[float, int]]:
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
@@ -110,28 +112,33 @@ def _score_encoded(model: Any, items: Sequence[tuple[list[int], int]], batch_siz
             lp = torch.log_softmax(pred, dim=-1).gather(1, target[:, None]).sum()
             results[i] = (float(lp), n)
         del logits  # vocab-sized: free it before the next batch's forward
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
     return results
 
 
 def continuation_logprobs(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]],
-                          batch_size: int = 8) -> list[tuple[float, int]]:
+                          batch_size: int = 8, progress: Progress | None = None
+                          ) -> list[tuple[float, int]]:
     """For each (context, continuation): (sum of the continuation's token log-probs given the
     prefix token and the context, number of continuation tokens). ``context`` may be ""."""
     if not requests:
         return []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _score_encoded(model, _encode_pairs(tokenizer, requests), batch_size, pad or 0)
+    return _score_encoded(model, _encode_pairs(tokenizer, requests), batch_size, pad or 0,
+                          progress)
 
 
 def corpus_cross_entropy(model: Any, tokenizer: Any, texts: Sequence[str], *,
-                         max_tokens: int = 256, batch_size: int = 8) -> dict[str, Any]:
+                         max_tokens: int = 256, batch_size: int = 8,
+                         progress: Progress | None = None) -> dict[str, Any]:
     """Mean per-token cross-entropy (nats) of ``texts``, each cut to its first ``max_tokens``
     tokens, token-weighted; also perplexity and per-document values."""
     prefix = _prefix_ids(tokenizer)
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     items = [(prefix + ids[:max_tokens], len(ids[:max_tokens])) for ids in encoded if ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores = _score_encoded(model, items, batch_size, pad or 0)
+    scores = _score_encoded(model, items, batch_size, pad or 0, progress)
     nll = -sum(lp for lp, _ in scores)
     tokens = sum(n for _, n in scores)
     ce = nll / tokens if tokens else float("nan")
@@ -208,12 +215,13 @@ def _pct(num: float, den: float) -> float:
 
 
 def crows_pairs_score(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *,
-                      batch_size: int = 8) -> dict[str, Any]:
+                      batch_size: int = 8, progress: Progress | None = None) -> dict[str, Any]:
     """% of pairs whose stereotyped sentence has the higher total log-likelihood, overall and
     per bias type, plus per-pair records."""
     more = [r["sentence"].replace("[MASK]", r["mask1"]) for r in rows]
     less = [r["sentence"].replace("[MASK]", r["mask2"]) for r in rows]
-    scores = continuation_logprobs(model, tokenizer, [("", s) for s in more + less], batch_size)
+    scores = continuation_logprobs(model, tokenizer, [("", s) for s in more + less], batch_size,
+                                   progress)
     records, by_type = [], defaultdict(lambda: [0, 0])
     for i, row in enumerate(rows):
         lp_more, lp_less = scores[i][0], scores[len(rows) + i][0]
@@ -256,7 +264,7 @@ def _ss_lms(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def stereoset_scores(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *,
-                     batch_size: int = 8) -> dict[str, Any]:
+                     batch_size: int = 8, progress: Progress | None = None) -> dict[str, Any]:
     """lms, ss and icat (see the module doc), overall, per type and per bias type; the official
     target-averaged variant under ``target_macro``; per-example records."""
     requests = []
@@ -266,7 +274,7 @@ def stereoset_scores(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
                 requests.append(("", _intrasentence(r["context"], r[opt])))
             else:
                 requests.append((r["context"].rstrip(), " " + r[opt].strip()))
-    scores = continuation_logprobs(model, tokenizer, requests, batch_size)
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size, progress)
     records = []
     for i, r in enumerate(rows):
         mean = {opt: lp / n for opt, (lp, n) in zip(_OPTIONS, scores[3 * i: 3 * i + 3])}
@@ -308,7 +316,7 @@ def _bbq_options(text: str) -> list[str]:
 
 
 def bbq_scores(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *,
-               batch_size: int = 8) -> dict[str, Any]:
+               batch_size: int = 8, progress: Progress | None = None) -> dict[str, Any]:
     """Multiple-choice accuracy by option likelihood, overall and for ambiguous vs
     disambiguated contexts (see the module doc), plus per-question records."""
     requests, spans = [], []
@@ -318,7 +326,7 @@ def bbq_scores(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *,
         context = f"{r['passage'].strip()}\nQuestion: {question}\nAnswer:"
         spans.append((len(requests), options))
         requests.extend((context, " " + o) for o in options)
-    scores = continuation_logprobs(model, tokenizer, requests, batch_size)
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size, progress)
     records = []
     for r, (start, options) in zip(rows, spans):
         gold = (r["answer"][0] if isinstance(r["answer"], list) else r["answer"]).strip()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_DEMO_STEPS = 150
+DEFAULT_DEMO_STEPS = 100
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ def _row(name: str, metrics: dict[str, Any], seconds: float | None) -> str:
             f"{metrics['minority_recall']:.4f} | {time_text} |")
 
 
-def run_demo(output_dir: Path, steps: int = 150, methods: list[str] | None = None) -> dict[str, Any]:
+def run_demo(output_dir: Path, steps: int = 100, methods: list[str] | None = None) -> dict[str, Any]:
     from . import assets
     from .run import train_run
     from .run_config import load_run_config

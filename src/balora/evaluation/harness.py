@@ -124,7 +124,7 @@ def _numbers(text: str) -> list[Fraction]:
         s = m.group(0).replace(",", "").rstrip(".")
         try:
             out.append(Fraction(s))
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError):  # "3/0": not a quantity the model stated
             continue
     return out
 

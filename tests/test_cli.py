@@ -165,7 +165,7 @@ def test_train_nlg_end_to_end(tmp_path):
                  "template": "plain", "max_length": 16},
         "training": {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "use_cpu": True},
     }))
-    assert main(["train", str(config), "--no-progress"]) == 0
+    assert main(["train", str(config)]) == 0  # with the progress bar (replaces the Trainer's log printer)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["task"] == "nlg" and metrics["test"]["loss"] > 0
     assert torch.isfinite(torch.tensor(metrics["test"]["perplexity"]))

@@ -191,6 +191,7 @@ def latest_checkpoint(checkpoints: Path) -> str | None:
 def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Train, save the artefacts and evaluate; returns what it writes to ``metrics.json``."""
     from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from .adapters import build_peft_model, trainable_parameter_count
     from .export import save_adapter, save_converted_lora, save_merged
@@ -226,7 +227,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=data.train,
                             eval_dataset=data.validation or None, data_collator=data.collator,
                             balora_config=cfg.balora_config())
-    if show_progress:
+    if show_progress:  # our bar shows the loss and each term; the Trainer's printer would repeat whole dicts
+        trainer.remove_callback(PrinterCallback)
         trainer.add_callback(BALoraProgressCallback())
 
     metrics: dict[str, Any] = {"method": cfg.method, "model": cfg.model.name, "task": cfg.model.task,

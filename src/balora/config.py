@@ -6,7 +6,7 @@ default of its task and variant when the object is built, so a printed config sh
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 Task = Literal["nlg", "nlu"]
@@ -164,7 +164,3 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]

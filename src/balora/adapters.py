@@ -77,7 +77,7 @@ def build_peft_model(model: nn.Module, adapter: AdapterConfig, task: str = "nlg"
     config = lora_config_for(adapter, model, task)
     devices = [torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(adapter.init_seed)
+        torch.manual_seed(0 if adapter.init_seed is None else adapter.init_seed)
         peft_model = get_peft_model(model, config)
     # The initial trainable tensors are the reference model's (see balora.reference); record them now,
     # before any training or checkpoint loading can change them.

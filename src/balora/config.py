@@ -133,7 +133,9 @@ class AdapterConfig:
     target_modules: list[str] | None = None  # None: per-architecture default
     # None: exact SVD for PiSSA (deterministic). N: PEFT's randomised "pissa_niter_N", seeded by init_seed.
     pissa_niter: int | None = None
-    init_seed: int = 0
+    # Seeds the random adapter parts (LoRA's A, pissa_niter's sketch). None: `balora train` uses
+    # training.seed, so that a seed sweep varies the initialisation too; build_peft_model uses 0.
+    init_seed: int | None = None
     modules_to_save: list[str] | None = None  # None: the classification head for NLU, nothing for NLG
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ The run directory holds::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -218,11 +219,13 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     model = load_base_model(cfg, data.label_map)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    training = {**TRAINING_DEFAULTS, **cfg.training}
     adapter = cfg.adapter_config()
+    if adapter.init_seed is None:  # a seed sweep should vary the adapter's initialisation too
+        adapter = dataclasses.replace(adapter, init_seed=int(training["seed"]))
     peft_model = build_peft_model(model, adapter, cfg.model.task)
     trainable, total = trainable_parameter_count(peft_model)
 
-    training = {**TRAINING_DEFAULTS, **cfg.training}
     args = TrainingArguments(output_dir=str(checkpoints), disable_tqdm=True, **training)
     trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=data.train,
                             eval_dataset=data.validation or None, data_collator=data.collator,

@@ -253,3 +253,44 @@ def test_eval_tasks_go_through_the_harness(tmp_path, tiny_assets, monkeypatch):
     spec.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"eval.tasks: unknown task\(s\) \['gsm9k'\]"):
         run_compare(spec, train_fn=fake_train([]), say=lambda m: None)
+
+
+def test_variants_are_one_grid_axis_applied_before_the_grid(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets, variants={"all": {}, "cr-only": {"balora.lambda_diversity": 0,
+                                                                              "balora.lambda_svd": 0}})
+    cells = run_compare(spec, dry_run=True, say=lambda m: None)["cells"]
+    ids = [c["cell_id"] for c in cells]
+    assert len(ids) == 8 and ids[0] == "variant=all,method=lora,training.seed=1"
+    assert ids[-1] == "variant=cr-only,method=ba-lora,training.seed=2"
+    from balora.compare import build_cells
+
+    built = {c.id: c for c in build_cells(load_spec(spec))}
+    cr = built["variant=cr-only,method=ba-lora,training.seed=1"].config
+    assert cr.balora == {"lambda_diversity": 0, "lambda_svd": 0}
+    assert built["variant=all,method=ba-lora,training.seed=1"].config.balora == {}
+    assert built["variant=cr-only,method=ba-lora,training.seed=1"].group == "variant=cr-only, method=ba-lora"
+
+
+def test_variant_errors_name_the_variant(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets, variants={"bad": {"balora.lambda9": 1}})
+    with pytest.raises(ConfigError, match=r"spec.yaml: variants.bad: .*lambda9"):
+        run_compare(spec, dry_run=True, say=lambda m: None)
+    spec = write_spec(tmp_path, tiny_assets, variants={"bad": [1]})
+    with pytest.raises(ConfigError, match=r"variants.bad: expected a mapping"):
+        load_spec(spec)
+
+
+def test_shards_split_the_grid_without_overlap(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets)
+    first, second = [], []
+    run_compare(spec, train_fn=fake_train(first), shard=(1, 2), say=lambda m: None)
+    summary = run_compare(spec, train_fn=fake_train(second), shard=(2, 2), say=lambda m: None)
+    assert sorted(c for c, _ in first + second) == sorted({c for c, _ in first + second})
+    assert len(first) == len(second) == 2
+    assert summary["cells"]["ok"] == 4
+    assert argparse.ArgumentParser  # the CLI form is parsed below
+    from balora.compare import _parse_shard
+
+    assert _parse_shard("2/3") == (2, 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="1 <= I <= N"):
+        _parse_shard("3/2")

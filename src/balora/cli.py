@@ -17,6 +17,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     metrics = train_run(cfg, resume=args.resume, show_progress=not args.no_progress)
     print(json.dumps({k: metrics[k] for k in ("method", "global_step", "train_seconds", "test") if k in metrics},
                      indent=2, default=str))
@@ -106,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. method=lora training.max_steps=20")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (on a shared or busy CPU, 1 per process is often fastest)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="convert a run's adapter to plain LoRA and/or merge it")

@@ -15,6 +15,14 @@ SPEC format
       training.seed: [1, 2, 3]
     overrides: [training.max_steps=150]            # KEY=VALUE, applied to every cell before the grid
     metrics: [test.accuracy, test.mcc]             # summary columns; default: every number in `test`
+    variants:                                      # optional: named sets of options, one grid axis
+      cr-only: {balora.lambda_diversity: 0, balora.lambda_svd: 0}
+      dr-only: {balora.lambda_consistency: 0, balora.lambda_svd: 0}
+
+``variants`` is for rows that are not a cartesian product (an ablation: each term alone). It adds a
+grid axis named ``variant``, placed first, whose values are the variant names; a cell applies its
+variant's options after the overrides and before the other grid keys. An empty mapping (``{}``) is
+the base configuration.
     lower_is_better: [forgetting]                  # default: [loss, perplexity, cross_entropy, forgetting]
 
 A metric path is looked up in a cell's ``metrics`` first, then at the top of its ``result.json``:
@@ -116,7 +124,9 @@ __all__ = ["SCHEMA_VERSION", "Cell", "CompareSpec", "add_compare_parser", "build
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "overrides", "metrics", "lower_is_better")
+SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "variants", "overrides", "metrics",
+             "lower_is_better")
+VARIANT_KEY = "variant"
 DEFAULT_LOWER_IS_BETTER = ["loss", "perplexity", "cross_entropy", "forgetting"]
 CELL_ID_MAX = 100
 
@@ -141,13 +151,14 @@ class CompareSpec:
     metrics: list[str] = field(default_factory=list)
     lower_is_better: list[str] = field(default_factory=lambda: list(DEFAULT_LOWER_IS_BETTER))
     source: str = "<spec>"  # for error messages
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def lower_better(self, metric: str) -> bool:
         return any(metric == e or metric.endswith("." + e) for e in self.lower_is_better)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "output_dir": str(self.output_dir), "grid": self.grid,
-                "overrides": self.overrides, "metrics": self.metrics, "lower_is_better": self.lower_is_better,
+                "variants": self.variants, "overrides": self.overrides, "metrics": self.metrics, "lower_is_better": self.lower_is_better,
                 "base_config": self.base, "source": self.source}
 
 
@@ -216,6 +227,17 @@ def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<s
         if key == "output_dir":
             raise ConfigError(f"{source}: grid.output_dir: not allowed; each cell trains into "
                               "<output_dir>/cells/<id>/run")
+    variants = data.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{source}: variants: expected a mapping of name -> {{key.path: value}}")
+    for vname, options in variants.items():
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: variants.{vname}: expected a mapping of key.path: value, got {options!r}")
+        if "output_dir" in options:
+            raise ConfigError(f"{source}: variants.{vname}.output_dir: not allowed")
+    if variants and VARIANT_KEY in grid:
+        raise ConfigError(f"{source}: grid.{VARIANT_KEY}: reserved for the variants axis; name the variants "
+                          "under `variants:` instead")
     overrides = _str_list(data, "overrides", source) or []
     for text in overrides:
         if parse_override(text)[0] == ["output_dir"]:
@@ -227,7 +249,7 @@ def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<s
     return CompareSpec(name=name, base=base, output_dir=Path(output_dir), grid=dict(grid), overrides=overrides,
                        metrics=_str_list(data, "metrics", source) or [],
                        lower_is_better=DEFAULT_LOWER_IS_BETTER.copy() if lower is None else lower,
-                       source=source)
+                       source=source, variants={str(k): dict(v) for k, v in variants.items()})
 
 
 def load_spec(path: str | Path) -> CompareSpec:
@@ -298,10 +320,15 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _resolve(raw: dict[str, Any], values: dict[str, Any], run_dir: Path) -> RunConfig:
+def _resolve(raw: dict[str, Any], values: dict[str, Any], run_dir: Path,
+             variants: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     data = copy.deepcopy(raw)
     for key, value in values.items():
-        _set_path(data, key, value)
+        if key == VARIANT_KEY and variants is not None:
+            for path, option in variants[value].items():
+                _set_path(data, path, option)
+        else:
+            _set_path(data, key, value)
     data["output_dir"] = str(run_dir)
     return run_config_from_dict(data)
 
@@ -316,13 +343,17 @@ def build_cells(spec: CompareSpec) -> list[Cell]:
     except ConfigError as error:
         raise ConfigError(f"{spec.source}: base + overrides: {error}") from None
     grid = {k: [_numbers(v) for v in values] for k, values in spec.grid.items()}
+    variants = {name: {k: _numbers(v) for k, v in opts.items()} for name, opts in spec.variants.items()}
+    if variants:
+        grid = {VARIANT_KEY: list(variants), **grid}
     # each grid value alone first: a typo is reported against its own key, not a whole cell
     for key, values in grid.items():
         for value in values:
             try:
-                _resolve(raw, {key: value}, spec.output_dir)
+                _resolve(raw, {key: value}, spec.output_dir, variants)
             except ConfigError as error:
-                raise ConfigError(f"{spec.source}: grid key {key!r} = {value!r}: {error}") from None
+                where = f"variants.{value}" if key == VARIANT_KEY else f"grid key {key!r} = {value!r}"
+                raise ConfigError(f"{spec.source}: {where}: {error}") from None
     cells: list[Cell] = []
     seen: dict[str, dict[str, Any]] = {}
     for combo in itertools.product(*grid.values()):
@@ -333,7 +364,7 @@ def build_cells(spec: CompareSpec) -> list[Cell]:
         seen[cid] = values
         cell_dir = spec.output_dir / "cells" / cid
         try:
-            cfg = _resolve(raw, values, cell_dir / "run")
+            cfg = _resolve(raw, values, cell_dir / "run", variants)
         except ConfigError as error:
             raise ConfigError(f"{spec.source}: cell {cid}: {error}") from None
         cells.append(Cell(cid, values, group_label(values), cfg, cell_dir))
@@ -754,9 +785,12 @@ def write_summary(spec: CompareSpec, cells: list[Cell], say: Say = _print) -> di
 def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bool = False,
                 only_summary: bool = False, retry_failed: bool = False, show_progress: bool = True,
                 train_fn: TrainFn | None = None, after_cell: Callable[[Cell, dict[str, Any]], None] | None = None,
-                say: Say = _print) -> dict[str, Any]:
+                shard: tuple[int, int] | None = None, say: Say = _print) -> dict[str, Any]:
     """Run the missing cells of a spec, then write the summary; returns summary.json's content.
 
+    ``shard=(i, n)`` runs only the cells at positions i, i + n, i + 2n, ... (1-based): n processes
+    (one per GPU or CPU core) share a grid without ever running the same cell; each writes a
+    summary of what is finished so far, and ``only_summary`` after the last one gives the whole.
     ``dry_run``: list the cells and their state, run nothing (returns ``{"cells": [...]}``).
     ``only_summary``: rebuild summary and plots from the existing result.json files.
     ``train_fn`` replaces `balora.run.train_run`; ``after_cell(cell, result)`` runs after each
@@ -770,7 +804,14 @@ def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bo
         return {"cells": _list_cells(spec, cells, say)}
     check_stale(cells)
     if not only_summary:
-        _run_cells(cells, retries=retries, retry_failed=retry_failed, show_progress=show_progress,
+        if shard is not None:
+            index, count = shard
+            if not 1 <= index <= count:
+                raise ConfigError(f"--shard {index}/{count}: expected 1 <= I <= N")
+            cells_to_run = cells[index - 1::count]
+        else:
+            cells_to_run = cells
+        _run_cells(cells_to_run, retries=retries, retry_failed=retry_failed, show_progress=show_progress,
                    train_fn=train_fn, after_cell=after_cell, say=say)
     summary = write_summary(spec, cells, say)
     c = summary["cells"]
@@ -803,9 +844,20 @@ def _run_cells(cells: list[Cell], *, retries: int, retry_failed: bool, show_prog
 
 
 # ---------------------------------------------------------------------------- command line
+def _parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, e.g. 1/2; got {text!r}")
+    return int(match[1]), int(match[2])
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     summary = run_compare(args.spec, retries=args.retries, dry_run=args.dry_run, only_summary=args.only_summary,
-                          retry_failed=args.retry_failed, show_progress=not args.no_progress)
+                          retry_failed=args.retry_failed, show_progress=not args.no_progress, shard=args.shard)
     if args.dry_run:
         return 0
     return 1 if summary["cells"]["failed"] else 0
@@ -823,5 +875,10 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--only-summary", action="store_true", help="rebuild summary and plots from result.json files")
     p.add_argument("--retry-failed", action="store_true", help="run the cells recorded as failed again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar during training")
+    p.add_argument("--shard", type=_parse_shard, metavar="I/N",
+                   help="run only every N-th cell starting at the I-th, so N processes can share the grid; "
+                        "then --only-summary once all are done")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (on a shared or busy CPU, 1 per process is often fastest)")
     p.set_defaults(func=_cmd_compare)
     return p

@@ -294,3 +294,27 @@ def test_shards_split_the_grid_without_overlap(tmp_path, tiny_assets):
     assert _parse_shard("2/3") == (2, 3)
     with pytest.raises(argparse.ArgumentTypeError, match="1 <= I <= N"):
         _parse_shard("3/2")
+
+
+def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_is_taken_over(tmp_path, tiny_assets):
+    import subprocess
+
+    spec = write_spec(tmp_path, tiny_assets)
+    cells = run_compare(spec, dry_run=True, say=lambda m: None)["cells"]
+    out = tmp_path / "out" / "cells"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / cells[0]["cell_id"]).mkdir(parents=True)
+        (out / cells[0]["cell_id"] / "running.pid").write_text(str(sleeper.pid))
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (out / cells[1]["cell_id"]).mkdir(parents=True)
+        (out / cells[1]["cell_id"] / "running.pid").write_text(str(dead.pid))
+        calls, said = [], []
+        summary = run_compare(spec, train_fn=fake_train(calls), say=said.append)
+    finally:
+        sleeper.kill()
+    assert sorted(c for c, _ in calls) == sorted(c["cell_id"] for c in cells[1:])
+    assert any(f"being run by process {sleeper.pid}" in m for m in said)
+    assert summary["cells"]["ok"] == 3 and summary["cells"]["pending"] == 1
+    assert not list(out.glob("*/running.pid"))[1:]  # only the live process's claim is left

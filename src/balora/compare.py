@@ -41,6 +41,8 @@ Layout and resumption
     <output_dir>/cells/<id>/run/          the run directory of `balora train`
     <output_dir>/summary.md, summary.json, plots/{metrics,curves,cost}.png
 
+Several processes may share one spec (one per GPU or core; or ``--shard I/N``): a process claims a
+cell by creating ``cells/<id>/running.pid`` atomically and skips cells claimed by a live process.
 Cells run sequentially in grid order. A cell with a ``result.json`` is skipped (``--retry-failed``
 re-runs the failed ones). A cell killed mid-training has no ``result.json``: the next invocation
 *resumes* it from its latest checkpoint in ``run/checkpoints`` (steps already done are not redone);
@@ -836,11 +838,69 @@ def _run_cells(cells: list[Cell], *, retries: int, retry_failed: bool, show_prog
         if state == "ok" or (state == "failed" and not retry_failed):
             say(f"[{i}/{len(cells)}] {cell.id}: {state} (result.json exists), skipped")
             continue
+        owner = _claim(cell)
+        if owner is not None:
+            say(f"[{i}/{len(cells)}] {cell.id}: being run by process {owner}, skipped")
+            continue
+        state = cell_state(cell)  # again: another process may have finished it since the first look
+        if state == "ok" or (state == "failed" and not retry_failed):
+            _release(cell)
+            say(f"[{i}/{len(cells)}] {cell.id}: {state} (finished meanwhile), skipped")
+            continue
         say(f"[{i}/{len(cells)}] {cell.id} → {cell.run_dir}")
-        result = run_cell(cell, retries=retries, train_fn=train_fn, show_progress=show_progress, say=say)
+        try:
+            result = run_cell(cell, retries=retries, train_fn=train_fn, show_progress=show_progress, say=say)
+        finally:
+            _release(cell)
         say(f"[{i}/{len(cells)}] {cell.id}: {result['status']} in {result['wall_seconds']:.0f} s")
         if after_cell is not None:
             after_cell(cell, result)
+
+
+def _claim_path(cell: Cell) -> Path:
+    return cell.dir / "running.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _claim(cell: Cell) -> int | None:
+    """Mark ``cell`` as run by this process; returns the pid of another live process that holds it.
+
+    Several ``balora compare`` processes can then share one grid (one per GPU or core) and each cell
+    runs once. The claim is a pid file created atomically (O_EXCL); one left by a dead process
+    (killed, crashed machine) is taken over, so a kill never blocks a cell. Assumes the processes
+    share one machine (pids are local).
+    """
+    path = _claim_path(cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = path.read_text().strip() if path.exists() else ""
+            owner = int(text) if text.isdigit() else None
+            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                return owner
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return None
+    raise RuntimeError(f"{path}: could not claim the cell (another process keeps re-creating the claim)")
+
+
+def _release(cell: Cell) -> None:
+    path = _claim_path(cell)
+    if path.exists() and path.read_text().strip() == str(os.getpid()):
+        path.unlink()
 
 
 # ---------------------------------------------------------------------------- command line

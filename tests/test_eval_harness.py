@@ -176,3 +176,24 @@ def test_cli_scores_a_samples_file_of_canonical_solutions(tmp_path, capsys):
     assert metrics["num_problems"] == 8 and metrics["num_samples"] == 16
     records = (tmp_path / "o" / "records" / "humaneval.jsonl").read_text().splitlines()
     assert len(records) == 16
+
+
+def test_forgetting_scores_the_base_once_per_process(tiny_dir, data, tmp_path):
+    from balora.evaluation import harness
+
+    harness._BASE_CROSS_ENTROPY.clear()
+    said: list[str] = []
+    first = evaluate(str(tiny_dir), ["forgetting"], limit=2, out_dir=tmp_path / "a", data=data,
+                     base_model=str(tiny_dir), device="cpu", progress=said.append)
+    assert any("scoring the base model" in m for m in said)
+    said.clear()
+    second = evaluate(str(tiny_dir), ["forgetting"], limit=2, out_dir=tmp_path / "b", data=data,
+                      base_model=str(tiny_dir), device="cpu", progress=said.append)
+    assert not any("scoring the base model" in m for m in said)
+    assert any("already scored" in m for m in said)
+    m1, m2 = (r["tasks"]["forgetting"]["metrics"] for r in (first, second))
+    assert m1["base_cross_entropy"] == m2["base_cross_entropy"]
+    said.clear()  # other documents: scored again
+    evaluate(str(tiny_dir), ["forgetting"], limit=1, out_dir=tmp_path / "c", data=data,
+             base_model=str(tiny_dir), device="cpu", progress=said.append)
+    assert any("scoring the base model" in m for m in said)

@@ -35,6 +35,7 @@ evaluate, as they are, without the split).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -277,6 +278,11 @@ def _run_humaneval(ev: EvalModel, problems: dict[str, dict[str, Any]], opts: Eva
 
 # ---------------------------------------------------------------- likelihood tasks
 
+# The untouched base model's cross-entropy on the same documents is the same for every run of a
+# comparison; one process (a `balora compare` grid) scores it once.
+_BASE_CROSS_ENTROPY: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
 def _run_forgetting(ev: EvalModel, texts: list[str], opts: EvalOptions,
                     progress: Progress) -> TaskOutput:
     from .likelihood import corpus_cross_entropy
@@ -296,11 +302,18 @@ def _run_forgetting(ev: EvalModel, texts: list[str], opts: EvalOptions,
         metrics["note"] = ("no base model: evaluate a run directory (or pass base_model) to get "
                            "forgetting = CE(tuned) - CE(base)")
         return TaskOutput(metrics, records)
-    progress("  forgetting: scoring the base model")
-    base = loader()
-    before = corpus_cross_entropy(base.model, base.tokenizer, texts, **kw,
-                                  progress=_every_tenth(progress, "documents (base)"))
-    del base
+    base_key = (opts.base_model or ev.base_spec, hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+                opts.forgetting_max_tokens, str(next(ev.model.parameters()).device))
+    before = _BASE_CROSS_ENTROPY.get(base_key)
+    if before is None:
+        progress("  forgetting: scoring the base model")
+        base = loader()
+        before = corpus_cross_entropy(base.model, base.tokenizer, texts, **kw,
+                                      progress=_every_tenth(progress, "documents (base)"))
+        del base
+        _BASE_CROSS_ENTROPY[base_key] = before
+    else:
+        progress("  forgetting: base model already scored on these documents in this process")
     metrics.update(base_model=opts.base_model or ev.base_spec,
                    base_cross_entropy=before["cross_entropy"], base_perplexity=before["perplexity"],
                    forgetting=after["cross_entropy"] - before["cross_entropy"])

@@ -186,6 +186,23 @@ def test_killed_cell_resumes_from_its_checkpoint_and_stale_results_are_refused(t
         run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
 
 
+def test_an_option_added_since_with_its_default_is_not_a_difference(tmp_path, tiny_assets):
+    spec = write_spec(tmp_path, tiny_assets)
+    calls: list = []
+    run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+    result_path = next((tmp_path / "out" / "cells").glob("*/result.json"))
+    result = json.loads(result_path.read_text())
+    del result["config"]["data"]["test_limit"]  # as if written before data.test_limit existed
+    result_path.write_text(json.dumps(result))
+    calls.clear()
+    run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+    assert calls == []
+    result["config"]["data"]["test_limit"] = 7  # a real difference is still refused
+    result_path.write_text(json.dumps(result))
+    with pytest.raises(ConfigError, match=r"data.test_limit: 7 -> None"):
+        run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+
+
 @pytest.mark.parametrize("grid,message", [
     ({"method": ["lora"], "traning.seed": [1, 2]}, r"grid key 'traning.seed' = 1: traning: unknown section"),
     ({"training.max_step": [3]}, r"grid key 'training.max_step' = 3: training.max_step: not a "

@@ -429,13 +429,22 @@ def _stored_config(cell: Cell) -> dict[str, Any] | None:
     return None
 
 
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration read by the current code: an option added since then (with its default
+    value) is not a difference. One that no longer parses is compared as stored."""
+    try:
+        return run_config_from_dict(copy.deepcopy(stored)).to_dict()
+    except ConfigError:
+        return stored
+
+
 def check_stale(cells: list[Cell]) -> None:
     """Refuse to mix results: a stored cell made with another configuration is an error."""
     for cell in cells:
         stored = _stored_config(cell)
         if stored is None:
             continue
-        diffs = _diff_paths(_comparable(stored), _comparable(cell.config.to_dict()))
+        diffs = _diff_paths(_comparable(_with_defaults(stored)), _comparable(cell.config.to_dict()))
         if diffs:
             raise ConfigError(f"cell {cell.id}: {cell.dir} was made with another configuration "
                               f"({'; '.join(diffs[:5])}); delete that directory to redo the cell, or "

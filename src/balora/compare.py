@@ -23,7 +23,7 @@ SPEC format
 grid axis named ``variant``, placed first, whose values are the variant names; a cell applies its
 variant's options after the overrides and before the other grid keys. An empty mapping (``{}``) is
 the base configuration.
-    lower_is_better: [forgetting]                  # default: [loss, perplexity, cross_entropy, forgetting]
+    lower_is_better: [forgetting]                  # default: loss, perplexity, cross_entropy, forgetting, *_seconds
 
 A metric path is looked up in a cell's ``metrics`` first, then at the top of its ``result.json``:
 ``test.accuracy``, ``eval.asdiv.accuracy`` (evaluation harness), ``forgetting``, ``train_seconds``.
@@ -129,7 +129,8 @@ SCHEMA_VERSION = 1
 SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "variants", "overrides", "metrics",
              "lower_is_better")
 VARIANT_KEY = "variant"
-DEFAULT_LOWER_IS_BETTER = ["loss", "perplexity", "cross_entropy", "forgetting"]
+DEFAULT_LOWER_IS_BETTER = ["loss", "perplexity", "cross_entropy", "forgetting", "train_seconds",
+                           "wall_seconds"]
 CELL_ID_MAX = 100
 
 TrainFn = Callable[..., dict[str, Any]]

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -78,7 +78,9 @@ def peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------------- data
-def raw_splits(cfg: RunConfig) -> dict[str, list[dict]]:
+def raw_splits(cfg: RunConfig, info: dict[str, Any] | None = None) -> dict[str, list[dict]]:
+    """The configured splits after limits and class (im)balancing; ``info`` receives what the
+    balancing did."""
     d = cfg.data
     if d.splits == "rotten-tomatoes":
         parts = D.rotten_tomatoes_splits(seed=d.split_seed)
@@ -93,16 +95,41 @@ def raw_splits(cfg: RunConfig) -> dict[str, list[dict]]:
         parts["train"] = parts["train"][: d.train_limit]
     if d.test_limit is not None:
         parts["test"] = parts["test"][: d.test_limit]
+    balance = balance_splits(parts, d)
+    if info is not None:
+        info.update(balance)
     return parts
+
+
+def balance_splits(parts: dict[str, list[dict]], d: Any) -> dict[str, Any]:
+    """data.imbalance_ratio on the training split, data.balance_test on test and validation (in
+    place, after the limits); returns what was done, for the run's data statistics."""
+    info: dict[str, Any] = {}
+    if d.imbalance_ratio is not None and parts.get("train"):
+        parts["train"], info["imbalance"] = D.imbalance_subsample(
+            parts["train"], label_field=d.label_field, ratio=D.parse_ratio(d.imbalance_ratio),
+            minority_label=d.minority_label, seed=d.split_seed, source_name=f"{d.source}[train]")
+        info["imbalance"]["requested"] = d.imbalance_ratio
+    if d.balance_test:
+        for name in ("test", "validation"):
+            if parts.get(name):  # a separate random stream per split
+                parts[name], _ = D.balance_classes(parts[name], label_field=d.label_field, seed=d.split_seed,
+                                                   purpose=name, source_name=f"{d.source}[{name}]")
+        info["balanced"] = [name for name in ("test", "validation") if parts.get(name)]
+    return info
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     d = cfg.data
-    parts = raw_splits(cfg)
+    balance: dict[str, Any] = {}
+    parts = raw_splits(cfg, balance)
     if not parts["train"]:
         raise D.DataError(f"{d.source}: the training split is empty")
     stats: dict[str, Any] = {name: len(rows) for name, rows in parts.items()}
+    stats.update(balance)
     if cfg.model.task == "nlu":
+        if d.imbalance_ratio is not None or d.balance_test:  # what the model saw and was scored on
+            stats["class_counts"] = {name: D.class_counts(rows, d.label_field) for name, rows in parts.items() if rows}
         ccfg = D.ClassificationDataConfig(text_field=d.text_field, text_pair_field=d.text_pair_field,
                                           label_field=d.label_field, max_length=d.max_length)
         train, label_map = D.build_classification_dataset(parts["train"], tokenizer, ccfg, source_name=f"{d.source}[train]")
@@ -189,8 +216,12 @@ def latest_checkpoint(checkpoints: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """Train, save the artefacts and evaluate; returns what it writes to ``metrics.json``."""
+def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True,
+              callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train, save the artefacts and evaluate; returns what it writes to ``metrics.json``.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. ``balora lab spectrum``'s
+    snapshots)."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -233,6 +264,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     if show_progress:  # our bar shows the loss and each term; the Trainer's printer would repeat whole dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(BALoraProgressCallback())
+    for callback in callbacks:
+        trainer.add_callback(callback)
 
     metrics: dict[str, Any] = {"method": cfg.method, "model": cfg.model.name, "task": cfg.model.task,
                                "trainable_parameters": trainable, "total_parameters": total, "data": data.stats}

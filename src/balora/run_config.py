@@ -57,6 +57,11 @@ class DataConfig:
     max_length: int = 128
     train_limit: int | None = None
     test_limit: int | None = None
+    # classification only (balora lab imbalance): subsample the training split (after train_limit)
+    # to minority:majority = imbalance_ratio, a number in (0, 1] or "1:9"; seeded by split_seed
+    imbalance_ratio: float | str | None = None
+    minority_label: str | int | bool | None = None  # default: the least frequent training label
+    balance_test: bool = False  # subsample test and validation to equal class counts (seeded)
 
 
 @dataclass
@@ -183,6 +188,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     _check_fields(AdapterConfig, cfg.adapter, "adapter", exclude=("method",))
     _check_fields(BALoraConfig, cfg.balora, "balora", exclude=("task",))
     _check_training(cfg.training)
+    _check_data(cfg)
     try:
         cfg.adapter_config()
         BALoraConfig(task=cfg.model.task, **cfg.balora)
@@ -190,6 +196,25 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
         message = str(error).replace("AdapterConfig.method", "method").replace("AdapterConfig.", "adapter.")
         raise ConfigError(message.replace("BALoraConfig.", "balora.")) from None
     return cfg
+
+
+def _check_data(cfg: RunConfig) -> None:
+    from .data import parse_ratio
+
+    d = cfg.data
+    class_options = [name for name, on in (("imbalance_ratio", d.imbalance_ratio is not None),
+                                           ("minority_label", d.minority_label is not None),
+                                           ("balance_test", d.balance_test)) if on]
+    if class_options and cfg.model.task != "nlu":
+        raise ConfigError(f"data.{class_options[0]}: only for classification (model.task: nlu), "
+                          f"not {cfg.model.task!r}")
+    if d.imbalance_ratio is not None:
+        try:
+            parse_ratio(d.imbalance_ratio)
+        except ValueError as error:
+            raise ConfigError(f"data.imbalance_ratio: {error}") from None
+    elif d.minority_label is not None:
+        raise ConfigError("data.minority_label: set only with data.imbalance_ratio (it names the class to subsample)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,4 +1,4 @@
-"""The `balora` command: train, export, info, assets, demo, compare, eval."""
+"""The `balora` command: train, export, info, assets, demo, compare, eval, lab."""
 
 from __future__ import annotations
 
@@ -139,9 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .compare import add_compare_parser
     from .evaluation.cli import add_eval_parser
+    from .lab import add_lab_parser
 
     add_compare_parser(sub)
     add_eval_parser(sub)
+    add_lab_parser(sub)
     return parser
 
 

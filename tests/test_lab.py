@@ -149,7 +149,8 @@ def assets(tmp_path_factory) -> Path:
                                        "stereotype": "w2", "anti-stereotype": "w3", "unrelated": f"w{4 + i}"}
                                       for i in range(3)])
     _jsonl(root / "bbq.jsonl", [{"passage": "w1", "question": "w2\nPlease choose the correct option ",
-                                 "options": "A. w3\nB. Unknown\nC. w4", "answer": [a]} for a in ("w3", "Unknown", "w4")])
+                                 "options": "A. w3\nB. Unknown\nC. w4", "answer": [a]}
+                                for a in ("w3", "Unknown", "w4")])
     return root
 
 
@@ -181,8 +182,8 @@ def test_lab_imbalance_end_to_end(tmp_path, assets):
     cell = json.loads(next((out / "tiny" / "cells").glob("*1_4*pissa*seed=2*/result.json")).read_text())
     assert cell["data"]["class_counts"]["train"] == {"neg": 40, "pos": 10}
     recall = [c["minority_recall"] for c in task["cells"] if c["method"] == "pissa" and c["ratio"] == "1:4"]
-    assert recall == [cell["metrics"]["test"]["per_class_recall"]["pos"] for cell in
-                      (json.loads(p.read_text()) for p in sorted((out / "tiny" / "cells").glob("*1_4*pissa*/result.json")))]
+    stored = [json.loads(p.read_text()) for p in sorted((out / "tiny" / "cells").glob("*1_4*pissa*/result.json"))]
+    assert recall == [r["metrics"]["test"]["per_class_recall"]["pos"] for r in stored]
     table = task["table"]["minority_recall"]["pissa"]
     assert table["1:4"]["mean"] == pytest.approx(sum(recall) / 2)
     readme = (out / "README.md").read_text()

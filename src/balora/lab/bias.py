@@ -11,12 +11,16 @@ Spec::
     experiment: bias
     output_dir: docs/results/lab/bias
     base_model: asset:smollm2
-    compare_dirs: [docs/results/nlg-asdiv-smollm2]   # `balora compare` outputs: every ok cell is a run
-    runs: []                                         # and/or run directories (config.yaml + adapter/)
+    compare_dirs: [docs/results/nlg-asdiv]   # `balora compare` outputs: every ok cell is a run
+    runs: []                                 # and/or run directories (config.yaml + adapter/)
     tasks: [crows_pairs, stereoset, bbq]
-    limit: null                                      # first N items of every task
+    limit: null                              # first N items of every task
     batch_size: 8
-    data: {}                                         # task -> file instead of the asset
+    data: {}                                 # task -> file instead of the asset
+    device: null                             # cpu / cuda (default: CUDA when present)
+
+Paths (output_dir, compare_dirs, runs) are relative to the current directory, as in `balora compare`.
+Groups: a compare cell's group (e.g. ``method=pissa``), a run directory's method.
 
 Reading the scores: CrowS-Pairs score and StereoSet ss are the % of items where the stereotyped
 option is more likely (50 = no preference); StereoSet lms is language-modelling ability, icat

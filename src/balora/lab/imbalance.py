@@ -105,7 +105,8 @@ def _findings(task: str, table: dict[str, Any], methods: list[str], ratios: list
     for a, b in (("ba-lora", "pissa"), ("ba-lora", "lora"), ("pissa", "lora")):
         if a in methods and b in methods and recall[a][hardest]["n"] and recall[b][hardest]["n"]:
             diff = recall[a][hardest]["mean"] - recall[b][hardest]["mean"]
-            lines.append(f"  - {a} − {b} at {hardest}: {diff:+.3f}, {spread_words(recall[a][hardest], recall[b][hardest])}.")
+            spread = spread_words(recall[a][hardest], recall[b][hardest])
+            lines.append(f"  - {a} − {b} at {hardest}: {diff:+.3f}, {spread}.")
     if {"ba-lora", "pissa", "lora"} <= set(methods):
         order = [recall[m][hardest] for m in ("ba-lora", "pissa", "lora")]
         if all(s["n"] for s in order):

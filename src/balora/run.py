@@ -14,7 +14,6 @@ The run directory holds::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -253,7 +252,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     training = {**TRAINING_DEFAULTS, **cfg.training}
     adapter = cfg.adapter_config()
     if adapter.init_seed is None:  # a seed sweep should vary the adapter's initialisation too
-        adapter = dataclasses.replace(adapter, init_seed=int(training["seed"]))
+        adapter = replace(adapter, init_seed=int(training["seed"]))
     peft_model = build_peft_model(model, adapter, cfg.model.task)
     trainable, total = trainable_parameter_count(peft_model)
 

@@ -239,7 +239,7 @@ def test_lab_noise_end_to_end(tmp_path, assets):
 
 
 # ---------------------------------------------------------------- bias
-def test_lab_bias_end_to_end(tmp_path, assets):
+def _nlg_compare(tmp_path: Path, assets: Path, grid: dict) -> Path:
     from balora.compare import run_compare
 
     nlg = {"method": "lora", "model": {"name": str(assets / "tiny-llama"), "task": "nlg"}, "adapter": {"r": 2},
@@ -247,8 +247,13 @@ def test_lab_bias_end_to_end(tmp_path, assets):
            "training": {"max_steps": 1, "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no",
                         "use_cpu": True}}
     compare_dir = tmp_path / "nlg-compare"
-    run_compare(_spec(tmp_path, {"name": "nlg", "base_config": nlg, "output_dir": str(compare_dir),
-                                 "grid": {"method": ["lora", "ba-lora"], "training.seed": [1, 2]}}), **QUIET)
+    run_compare(_spec(tmp_path, {"name": "nlg", "base_config": nlg, "output_dir": str(compare_dir), "grid": grid}),
+                **QUIET)
+    return compare_dir
+
+
+def test_lab_bias_end_to_end(tmp_path, assets):
+    compare_dir = _nlg_compare(tmp_path, assets, {"method": ["lora", "ba-lora"], "training.seed": [1, 2]})
     out = tmp_path / "bias"
     data = {"crows_pairs": str(assets / "crows.jsonl"), "stereoset": str(assets / "stereoset.jsonl"),
             "bbq": str(assets / "bbq.jsonl")}
@@ -275,9 +280,32 @@ def test_lab_bias_end_to_end(tmp_path, assets):
     spec.write_text(spec.read_text().replace("limit: 2", "limit: 3"))
     with pytest.raises(ConfigError, match=r"spec.yaml: limit: .*eval.json holds crows_pairs with limit 2"):
         run_lab("bias", spec, **QUIET)
+    spec.write_text(spec.read_text().replace("limit: 3", "limit: {crows_pairs: 2, stereoset: 2}"))
+    with pytest.raises(ConfigError, match=r"eval.json holds bbq with limit 2, the spec says None"):
+        run_lab("bias", spec, **QUIET)  # bbq, left out of the mapping, means all items
     spec.write_text(yaml.safe_dump({"experiment": "bias", "base_model": "m", "runs": [str(tmp_path / "nowhere")]}))
     with pytest.raises(ConfigError, match=r"spec.yaml: runs\[0\]: .*nowhere: no such run directory"):
         run_lab("bias", spec, **QUIET)
+
+
+def test_lab_bias_per_task_limits(tmp_path, assets):
+    """`limit` as a mapping: each task evaluated on its own first N items, merged into one eval.json."""
+    out = tmp_path / "bias"
+    data = {"crows_pairs": str(assets / "crows.jsonl"), "bbq": str(assets / "bbq.jsonl")}
+    compare_dir = _nlg_compare(tmp_path, assets, {"method": ["lora"]})
+    base = {"experiment": "bias", "output_dir": str(out), "base_model": str(assets / "tiny-llama"),
+            "compare_dirs": [str(compare_dir)], "tasks": ["crows_pairs", "bbq"], "batch_size": 4, "data": data, "device": "cpu"}
+    result = run_lab("bias", _spec(tmp_path, base | {"limit": {"crows_pairs": 1}}), **QUIET)
+    assert result["limits"] == {"crows_pairs": 1, "bbq": None}
+    stored = json.loads((out / "evals" / "base" / "eval.json").read_text())["tasks"]
+    assert (stored["crows_pairs"]["items"], stored["bbq"]["items"]) == (1, 3)
+    assert (stored["crows_pairs"]["settings"]["limit"], stored["bbq"]["settings"]["limit"]) == (1, None)
+    assert "crows_pairs (first 1 items), bbq (all items)" in (out / "README.md").read_text()
+    for bad, where in (({"stereoset": 5}, r"limit\.stereoset: not one of the spec's tasks"),
+                       ({"bbq": 0}, r"limit\.bbq: expected null \(all items\) or an integer >= 1, got 0"),
+                       ("ten", r"limit: expected null \(all items\) or an integer >= 1, got 'ten'")):
+        with pytest.raises(ConfigError, match=where):
+            run_lab("bias", _spec(tmp_path, base | {"limit": bad}), **QUIET)
 
 
 # ---------------------------------------------------------------- spectrum
@@ -372,8 +400,8 @@ def test_committed_specs_expand():
     root = Path(__file__).resolve().parents[1] / "docs" / "results" / "lab"
     spec = load_lab_spec(root / "imbalance" / "spec.yaml", "imbalance", imbalance.KEYS)
     _, _, _, specs = imbalance._setup(spec)
-    assert {task: len(build_cells(s)) for task, s in specs.items()} == {"rotten-tomatoes": 48, "boolq": 48}
-    assert all(c.config.data.balance_test for c in build_cells(specs["boolq"]))
+    assert {task: len(build_cells(s)) for task, s in specs.items()} == {"rotten-tomatoes": 48}
+    assert all(c.config.data.balance_test for c in build_cells(specs["rotten-tomatoes"]))
     setup = noise._Setup(load_lab_spec(root / "noise" / "spec.yaml", "noise", noise.KEYS))
     assert setup.levels == [0.0, 0.2, 0.4] and setup.pretrain["examples"] == 800
     cells = build_cells(setup.compare_specs[0.4])
@@ -383,3 +411,4 @@ def test_committed_specs_expand():
     assert len(cells) == 12 and cells[-1].config.balora["nlu_svd_target"] == "features"
     spec = load_lab_spec(root / "bias" / "spec.yaml", "bias", bias.KEYS)
     assert spec.data["compare_dirs"] == ["docs/results/nlg-asdiv"] and spec.data["tasks"] == list(bias.BIAS_TASKS)
+    assert bias.parse_limits(spec, spec.data["tasks"]) == {"crows_pairs": None, "stereoset": 1000, "bbq": 200}

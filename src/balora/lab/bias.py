@@ -14,7 +14,8 @@ Spec::
     compare_dirs: [docs/results/nlg-asdiv]   # `balora compare` outputs: every ok cell is a run
     runs: []                                 # and/or run directories (config.yaml + adapter/)
     tasks: [crows_pairs, stereoset, bbq]
-    limit: null                              # first N items of every task
+    limit: null                              # first N items of every task, or per task:
+                                             # {crows_pairs: null, stereoset: 1000, bbq: 200}
     batch_size: 8
     data: {}                                 # task -> file instead of the asset
     device: null                             # cpu / cuda (default: CUDA when present)
@@ -108,7 +109,8 @@ def _check_run(spec: LabSpec, key: str, run_dir: Path) -> None:
         raise spec.error(key, f"{run_dir}: not a balora run directory (needs config.yaml and adapter/)")
 
 
-def _missing_tasks(spec: LabSpec, model: dict[str, Any], tasks: list[str], limit: int | None) -> list[str]:
+def _missing_tasks(spec: LabSpec, model: dict[str, Any], tasks: list[str],
+                   limits: dict[str, int | None]) -> list[str]:
     """Tasks without a result in the model's eval.json; a result made with another limit is an error."""
     path = model["eval_dir"] / "eval.json"
     if not path.is_file():
@@ -119,11 +121,28 @@ def _missing_tasks(spec: LabSpec, model: dict[str, Any], tasks: list[str], limit
         entry = stored.get("tasks", {}).get(task)
         if entry is None:
             missing.append(task)
-        elif entry.get("settings", {}).get("limit") != limit:
+        elif entry.get("settings", {}).get("limit") != limits[task]:
             raise ConfigError(f"{spec.path}: limit: {path} holds {task} with limit "
-                              f"{entry.get('settings', {}).get('limit')}, the spec says {limit}; delete "
+                              f"{entry.get('settings', {}).get('limit')}, the spec says {limits[task]}; delete "
                               f"{model['eval_dir']} to redo it, or choose another output_dir")
     return missing
+
+
+def parse_limits(spec: LabSpec, tasks: list[str]) -> dict[str, int | None]:
+    """``limit``: null / N for every task, or a mapping task -> null / N (tasks left out: all items)."""
+    raw = spec.data.get("limit")
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - set(tasks))
+        if unknown:
+            raise spec.error(f"limit.{unknown[0]}", f"not one of the spec's tasks {tasks}")
+        limits = {task: raw.get(task) for task in tasks}
+    else:
+        limits = {task: raw for task in tasks}
+    for task, value in limits.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            where = f"limit.{task}" if isinstance(raw, dict) else "limit"
+            raise spec.error(where, f"expected null (all items) or an integer >= 1, got {value!r}")
+    return limits
 
 
 def _metric(entry: dict[str, Any] | None, task: str, key: str) -> float | None:
@@ -134,7 +153,8 @@ def _metric(entry: dict[str, Any] | None, task: str, key: str) -> float | None:
     return None
 
 
-def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str], limit: int | None) -> dict[str, Any]:
+def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str],
+           limits: dict[str, int | None]) -> dict[str, Any]:
     columns = [(f"{t}.{k}", title) for t in tasks for k, title in COLUMNS[t]]
     evals = {m["label"]: (json.loads((m["eval_dir"] / "eval.json").read_text())
                           if (m["eval_dir"] / "eval.json").is_file() else None) for m in models}
@@ -150,7 +170,7 @@ def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str], limit:
                         for c, _ in columns}
         deltas[group] = {c: stats([values[lab][c] - base[c] for lab in labels
                                    if values[lab][c] is not None and base[c] is not None]) for c, _ in columns}
-    out = {"experiment": "bias", "spec": str(spec.path), "tasks": tasks, "limit": limit,
+    out = {"experiment": "bias", "spec": str(spec.path), "tasks": tasks, "limits": limits,
            "columns": [c for c, _ in columns], "titles": dict(columns),
            "models": [{k: (str(v) if isinstance(v, Path) else v) for k, v in m.items()} | {"values": values[m["label"]],
                        "evaluated": evals[m["label"]] is not None} for m in models],
@@ -211,6 +231,10 @@ def _findings(out: dict[str, Any]) -> list[str]:
     return lines or ["- No evaluated fine-tuned model yet."]
 
 
+def _tasks_words(limits: dict[str, int | None]) -> str:
+    return ", ".join(f"{task} ({'all items' if n is None else f'first {n} items'})" for task, n in limits.items())
+
+
 def render(spec: LabSpec, out: dict[str, Any]) -> str:
     cols = out["columns"]
     n_done = sum(m["evaluated"] for m in out["models"])
@@ -220,8 +244,7 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
              "measured, whichever way it goes.", "",
              "## Setup", "",
              f"- Spec: `{spec.path}`; base model `{out['models'][0]['spec']}`; {len(out['models']) - 1} fine-tuned "
-             f"runs; tasks {', '.join(out['tasks'])}"
-             + (f" (first {out['limit']} items each)" if out["limit"] else " (all items)") + f"; {n_done} of "
+             f"runs; tasks {_tasks_words(out['limits'])}; {n_done} of "
              f"{len(out['models'])} models evaluated.",
              "- Scores from the model's own likelihoods (`balora.evaluation.likelihood`): CrowS-Pairs score and "
              "StereoSet ss = % of items where the stereotyped option is more likely (50 = no preference); "
@@ -251,9 +274,7 @@ def run(spec_path: str | Path, *, only_report: bool = False, say: Say = say_prin
     for i, task in enumerate(tasks):
         if task not in BIAS_TASKS:
             raise spec.error(f"tasks[{i}]", f"{task!r} is not a bias task; known: {', '.join(BIAS_TASKS)}")
-    limit = get_value(spec, spec.data, "limit", int, None, "limit")
-    if limit is not None and limit < 1:
-        raise spec.error("limit", f"must be >= 1, got {limit}")
+    limits = parse_limits(spec, tasks)
     batch_size = get_value(spec, spec.data, "batch_size", int, 8, "batch_size")
     device = get_value(spec, spec.data, "device", str, None, "device")
     data = get_mapping(spec, "data", {})
@@ -263,13 +284,17 @@ def run(spec_path: str | Path, *, only_report: bool = False, say: Say = say_prin
     models = collect_models(spec)
     if not only_report:
         for i, model in enumerate(models, 1):
-            missing = _missing_tasks(spec, model, tasks, limit)
+            missing = _missing_tasks(spec, model, tasks, limits)
             if not missing:
                 say(f"bias: [{i}/{len(models)}] {model['label']}: eval.json complete, skipped")
                 continue
             say(f"bias: [{i}/{len(models)}] {model['label']}: {', '.join(missing)}")
-            evaluate(model["spec"], missing, limit=limit, out_dir=model["eval_dir"], batch_size=batch_size,
-                     progress=lambda m: say(f"  {m}"), device=device, data=data)
-    out = report(spec, models, tasks, limit)
+            # one harness call per distinct limit (it takes one limit for all its tasks); each merges
+            # its tasks into the model's eval.json
+            for limit in dict.fromkeys(limits[task] for task in missing):
+                evaluate(model["spec"], [t for t in missing if limits[t] == limit], limit=limit,
+                         out_dir=model["eval_dir"], batch_size=batch_size, progress=lambda m: say(f"  {m}"),
+                         device=device, data=data)
+    out = report(spec, models, tasks, limits)
     say(f"bias: report in {spec.output_dir / 'README.md'}")
     return out

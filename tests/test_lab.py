@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -270,8 +271,12 @@ def test_lab_bias_end_to_end(tmp_path, assets):
     assert run_eval["model_kind"] == "run" and run_eval["model"] == runs[0]["spec"]  # the adapter, not the base
     deltas = [m["values"]["stereoset.lms"] - result["models"][0]["values"]["stereoset.lms"] for m in runs]
     assert result["delta"]["method=ba-lora"]["stereoset.lms"]["values"] == pytest.approx(deltas)
+    for m in runs:  # the paired item-level change agrees with the scores' difference
+        assert result["paired"][m["label"]]["stereoset.ss"]["delta"] == pytest.approx(
+            m["values"]["stereoset.ss"] - result["models"][0]["values"]["stereoset.ss"])
     readme = (out / "README.md").read_text()
     assert "## Change from the base model (after − before)" in readme and "| ba-lora |" in readme
+    assert "## Per run: the change on the same items" in readme
     assert (out / "plots" / "bias-delta.png").read_bytes()[:4] == PNG
 
     stamp = (out / "evals" / "base" / "eval.json").stat().st_mtime_ns
@@ -286,6 +291,28 @@ def test_lab_bias_end_to_end(tmp_path, assets):
     spec.write_text(yaml.safe_dump({"experiment": "bias", "base_model": "m", "runs": [str(tmp_path / "nowhere")]}))
     with pytest.raises(ConfigError, match=r"spec.yaml: runs\[0\]: .*nowhere: no such run directory"):
         run_lab("bias", spec, **QUIET)
+
+
+def test_paired_item_change_against_a_naive_bootstrap():
+    from balora.lab.bias import paired_item_change
+
+    rng = random.Random(3)
+    before = [rng.random() < 0.55 for _ in range(200)]
+    after = [b if rng.random() < 0.8 else not b for b in before]
+    got = paired_item_change(before, after, resamples=400, seed=5)
+    diffs = [int(a) - int(b) for a, b in zip(after, before)]
+    assert got["delta"] == pytest.approx(100 * sum(diffs) / len(diffs))
+    assert got["flipped_to"] == diffs.count(1) and got["flipped_from"] == diffs.count(-1) and got["n"] == 200
+    naive = np.random.default_rng(5)  # the same resampling, written out one resample at a time
+    idx = naive.integers(0, 200, size=(400, 200))
+    means = sorted(100 * sum(diffs[i] for i in row) / 200 for row in idx)
+    assert got["ci95"][0] == pytest.approx(np.percentile(means, 2.5))
+    assert got["ci95"][1] == pytest.approx(np.percentile(means, 97.5))
+    assert got["ci95"][0] < got["delta"] < got["ci95"][1]
+    same = paired_item_change(before, before)
+    assert same["delta"] == 0 and same["ci95"] == [0, 0] and same["flipped_to"] == same["flipped_from"] == 0
+    with pytest.raises(ValueError, match="same non-zero number of items, got 2 and 1"):
+        paired_item_change([True, False], [True])
 
 
 def test_lab_bias_per_task_limits(tmp_path, assets):

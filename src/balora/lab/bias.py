@@ -51,6 +51,38 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
             ("disambiguated_accuracy", "BBQ disamb. acc")],
 }
 NEUTRAL_50 = {"crows_pairs.score", "stereoset.ss"}  # 50 = no stereotype preference
+# per-item 0/1 outcome behind a score (records/<task>.jsonl), for the paired item-level comparison
+ITEM_OUTCOME = {"crows_pairs.score": "stereotype_preferred", "stereoset.ss": "stereotype_preferred",
+                "bbq.accuracy": "correct"}
+BOOTSTRAP = 2000
+
+
+def paired_item_change(before: list[bool], after: list[bool], *, resamples: int = BOOTSTRAP,
+                       seed: int = 0) -> dict[str, Any]:
+    """Change in % of items with the outcome, same items before and after, with a 95 % paired bootstrap
+    interval over items (resampling the items, not the seeds: the uncertainty that a finite test set
+    adds even when there is one run per method). Also how many items flipped each way."""
+    import numpy as np
+
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired outcomes need the same non-zero number of items, got {len(before)} and "
+                         f"{len(after)}")
+    b = np.asarray(before, dtype=float)
+    a = np.asarray(after, dtype=float)
+    diff = a - b
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    boot = diff[idx].mean(axis=1) * 100.0
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"delta": float(diff.mean() * 100.0), "ci95": [float(lo), float(hi)], "n": len(diff),
+            "flipped_to": int((diff > 0).sum()), "flipped_from": int((diff < 0).sum())}
+
+
+def _outcomes(eval_dir: Path, task: str, key: str) -> list[bool] | None:
+    path = eval_dir / "records" / f"{task}.jsonl"
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as fh:
+        return [bool(json.loads(line)[key]) for line in fh if line.strip()]
 
 
 def _safe(name: str) -> str:
@@ -170,8 +202,18 @@ def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str],
                         for c, _ in columns}
         deltas[group] = {c: stats([values[lab][c] - base[c] for lab in labels
                                    if values[lab][c] is not None and base[c] is not None]) for c, _ in columns}
+    paired: dict[str, Any] = {}
+    for col, key in ITEM_OUTCOME.items():
+        task = col.split(".", 1)[0]
+        if task not in tasks:
+            continue
+        before = _outcomes(models[0]["eval_dir"], task, key)
+        for m in models[1:]:
+            after = _outcomes(m["eval_dir"], task, key)
+            if before and after and len(before) == len(after):
+                paired.setdefault(m["label"], {})[col] = paired_item_change(before, after)
     out = {"experiment": "bias", "spec": str(spec.path), "tasks": tasks, "limits": limits,
-           "columns": [c for c, _ in columns], "titles": dict(columns),
+           "columns": [c for c, _ in columns], "titles": dict(columns), "paired": paired,
            "models": [{k: (str(v) if isinstance(v, Path) else v) for k, v in m.items()} | {"values": values[m["label"]],
                        "evaluated": evals[m["label"]] is not None} for m in models],
            "table": table, "delta": deltas, "finished_at": now()}
@@ -198,6 +240,17 @@ def _plot(out: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _item_words(out: dict[str, Any], group: str, col: str) -> str:
+    """For a one-run group: whether its change is beyond what the finite item set alone allows."""
+    labels = [m["label"] for m in out["models"][1:] if m["group"] == group]
+    got = out["paired"].get(labels[0], {}).get(col) if len(labels) == 1 else None
+    if got is None:
+        return ""
+    lo, hi = got["ci95"]
+    verdict = "excludes 0: beyond item noise" if lo > 0 or hi < 0 else "includes 0: within item noise"
+    return f"; item 95 % CI [{lo:+.2f}, {hi:+.2f}] {verdict}"
+
+
 def _findings(out: dict[str, Any]) -> list[str]:
     lines = []
     for col in out["columns"]:
@@ -210,7 +263,7 @@ def _findings(out: dict[str, Any]) -> list[str]:
         for group, d in out["delta"].items():
             if d[col]["n"]:
                 if d[col]["std"] is None:
-                    moved = "one run, spread unknown"
+                    moved = "one run, seed spread unknown" + _item_words(out, group, col)
                 else:
                     moved = "moved" if abs(d[col]["mean"]) > d[col]["std"] else "within its seed spread"
                 parts.append(f"{group_name(group)} {fmt(d[col], 2, sign=True)} ({moved})")
@@ -256,6 +309,21 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
     lines += ["", "## Change from the base model (after − before)", ""]
     rows = [[group_name(g)] + [fmt(out["delta"][g][c], 2, sign=True) for c in cols] for g in out["delta"]]
     lines += md_table(["method"] + [out["titles"][c] for c in cols], rows)
+    if out["paired"]:
+        cols = [c for c in ITEM_OUTCOME if c in cols]
+        lines += ["", "## Per run: the change on the same items, with its item-level uncertainty", "",
+                  f"Δ in points, 95 % paired bootstrap interval over the items ({BOOTSTRAP} resamples), and "
+                  "how many items flipped to / from the outcome (stereotype preferred; BBQ: correct). It "
+                  "measures the uncertainty the finite test set adds to one run; it says nothing about seeds.",
+                  ""]
+        rows = []
+        for m in out["models"][1:]:
+            got = out["paired"].get(m["label"], {})
+            rows.append([f"{group_name(m['group'])} (seed {m['seed']})"]
+                        + [(f"{got[c]['delta']:+.2f} [{got[c]['ci95'][0]:+.2f}, {got[c]['ci95'][1]:+.2f}] "
+                            f"(+{got[c]['flipped_to']} / −{got[c]['flipped_from']}, n={got[c]['n']})")
+                           if c in got else "–" for c in cols])
+        lines += md_table(["run"] + [out["titles"][c] for c in cols], rows)
     lines += ["", "![bias deltas](plots/bias-delta.png)", "", "## What the numbers say", "",
               "Rule: a change 'moved' when |mean Δ| exceeds the std of Δ over seeds; two methods are compared "
               "with the compare rule (difference of means > larger std). Heuristics, not significance tests.", ""]

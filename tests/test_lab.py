@@ -438,4 +438,4 @@ def test_committed_specs_expand():
     assert len(cells) == 12 and cells[-1].config.balora["nlu_svd_target"] == "features"
     spec = load_lab_spec(root / "bias" / "spec.yaml", "bias", bias.KEYS)
     assert spec.data["compare_dirs"] == ["docs/results/nlg-asdiv"] and spec.data["tasks"] == list(bias.BIAS_TASKS)
-    assert bias.parse_limits(spec, spec.data["tasks"]) == {"crows_pairs": None, "stereoset": 1000, "bbq": 200}
+    assert bias.parse_limits(spec, spec.data["tasks"]) == {"crows_pairs": None, "stereoset": 600, "bbq": 120}

@@ -435,7 +435,7 @@ def test_committed_specs_expand():
     assert len(cells) == 9 and cells[0].config.model.name.endswith("checkpoints/noise-0.4")
     setup = spectrum._Setup(load_lab_spec(root / "spectrum" / "spec.yaml", "spectrum", spectrum.KEYS))
     cells = build_cells(setup.compare)
-    assert len(cells) == 12 and cells[-1].config.balora["nlu_svd_target"] == "features"
+    assert len(cells) == 8 and cells[-1].config.balora["nlu_svd_target"] == "features"
     spec = load_lab_spec(root / "bias" / "spec.yaml", "bias", bias.KEYS)
     assert spec.data["compare_dirs"] == ["docs/results/nlg-asdiv"] and spec.data["tasks"] == list(bias.BIAS_TASKS)
     assert bias.parse_limits(spec, spec.data["tasks"]) == {"crows_pairs": None, "stereoset": 600, "bbq": 120}

@@ -15,7 +15,7 @@ Spec::
     runs: []                                 # and/or run directories (config.yaml + adapter/)
     tasks: [crows_pairs, stereoset, bbq]
     limit: null                              # first N items of every task, or per task:
-                                             # {crows_pairs: null, stereoset: 1000, bbq: 200}
+                                             # {crows_pairs: null, stereoset: 600, bbq: 120}
     batch_size: 8
     data: {}                                 # task -> file instead of the asset
     device: null                             # cpu / cuda (default: CUDA when present)
@@ -310,7 +310,7 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
     rows = [[group_name(g)] + [fmt(out["delta"][g][c], 2, sign=True) for c in cols] for g in out["delta"]]
     lines += md_table(["method"] + [out["titles"][c] for c in cols], rows)
     if out["paired"]:
-        cols = [c for c in ITEM_OUTCOME if c in cols]
+        item_cols = [c for c in ITEM_OUTCOME if c in cols]
         lines += ["", "## Per run: the change on the same items, with its item-level uncertainty", "",
                   f"Δ in points, 95 % paired bootstrap interval over the items ({BOOTSTRAP} resamples), and "
                   "how many items flipped to / from the outcome (stereotype preferred; BBQ: correct). It "
@@ -322,8 +322,8 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
             rows.append([f"{group_name(m['group'])} (seed {m['seed']})"]
                         + [(f"{got[c]['delta']:+.2f} [{got[c]['ci95'][0]:+.2f}, {got[c]['ci95'][1]:+.2f}] "
                             f"(+{got[c]['flipped_to']} / −{got[c]['flipped_from']}, n={got[c]['n']})")
-                           if c in got else "–" for c in cols])
-        lines += md_table(["run"] + [out["titles"][c] for c in cols], rows)
+                           if c in got else "–" for c in item_cols])
+        lines += md_table(["run"] + [out["titles"][c] for c in item_cols], rows)
     lines += ["", "![bias deltas](plots/bias-delta.png)", "", "## What the numbers say", "",
               "Rule: a change 'moved' when |mean Δ| exceeds the std of Δ over seeds; two methods are compared "
               "with the compare rule (difference of means > larger std). Heuristics, not significance tests.", ""]

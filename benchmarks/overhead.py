@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from balora import AdapterConfig, BALoraConfig, build_peft_model
-from balora import regularizers as R
-from balora.losses import shifted_targets
+from balora.core import regularizers as R
+from balora.core.losses import shifted_targets
 
 VARIANTS = ("lora", "pissa", "ba-lora", "published", "forward")
 
@@ -87,7 +87,7 @@ def build_step(variant: str, base, batch, device: str, rank: int, tmp: Path) -> 
     """One training step (forward, backward, AdamW step) of ``variant``, or the no-grad forward."""
     from transformers import TrainingArguments
 
-    from balora.trainer import BALoraTrainer
+    from balora.training.trainer import BALoraTrainer
 
     method = {"lora": "lora", "forward": "pissa"}.get(variant, "pissa" if variant == "pissa" else "ba-lora")
     teacher = copy.deepcopy(base).eval().requires_grad_(False) if variant == "published" else None

@@ -1,5 +1,5 @@
 """Benchmark: BA-LoRA's NLG loss (task CE + consistency + diversity [+ SVD share]) from hidden states,
-fused/chunked (`balora.fused`) against naive full logits (`losses.nlg_terms`).
+fused/chunked (`balora.core.fused`) against naive full logits (`losses.nlg_terms`).
 
 The naive path builds the (M, V) logits as ``h @ W.T`` under autograd, so they are kept for backward
 as in a real model; the reference logits come from the reference hidden states without grad. Both
@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from balora import losses
-from balora import regularizers as R
-from balora.config import BALoraConfig
-from balora.fused import OutputLayerFactor, fused_token_terms, nlg_terms_from_hidden
+from balora.core import losses
+from balora.core import regularizers as R
+from balora.core.config import BALoraConfig
+from balora.core.fused import OutputLayerFactor, fused_token_terms, nlg_terms_from_hidden
 
 VARIANTS = ("naive", "fused", "naive+svd", "fused+svd")
 TERMS = ("task_sum", "consistency", "diversity", "svd")

@@ -10,8 +10,8 @@ import yaml
 from conftest import make_tiny_bert, make_tiny_llama, make_word_tokenizer
 
 from balora.cli import main
-from balora.config import ConfigError
-from balora.run_config import apply_overrides, load_run_config, parse_override, run_config_from_dict
+from balora.core.config import ConfigError
+from balora.training.run_config import apply_overrides, load_run_config, parse_override, run_config_from_dict
 
 
 # ---------------------------------------------------------------- overrides and checking

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from conftest import make_tiny_bert, make_word_tokenizer
 
-from balora import run as run_module
-from balora.compare import add_compare_parser, load_spec, run_compare
-from balora.config import ConfigError
-from balora.run_config import dump_run_config
+from balora.training import run as run_module
+from balora.experiments.compare import add_compare_parser, load_spec, run_compare
+from balora.core.config import ConfigError
+from balora.training.run_config import dump_run_config
 
 RESULT_KEYS = {"schema_version", "cell_id", "grid", "group", "seed", "method", "status", "error", "attempts",
                "metrics", "forgetting", "trainable_parameters", "total_parameters", "adapter_bytes",
@@ -279,7 +279,7 @@ def test_variants_are_one_grid_axis_applied_before_the_grid(tmp_path, tiny_asset
     ids = [c["cell_id"] for c in cells]
     assert len(ids) == 8 and ids[0] == "variant=all,method=lora,training.seed=1"
     assert ids[-1] == "variant=cr-only,method=ba-lora,training.seed=2"
-    from balora.compare import build_cells
+    from balora.experiments.compare import build_cells
 
     built = {c.id: c for c in build_cells(load_spec(spec))}
     cr = built["variant=cr-only,method=ba-lora,training.seed=1"].config
@@ -306,7 +306,7 @@ def test_shards_split_the_grid_without_overlap(tmp_path, tiny_assets):
     assert len(first) == len(second) == 2
     assert summary["cells"]["ok"] == 4
     assert argparse.ArgumentParser  # the CLI form is parsed below
-    from balora.compare import _parse_shard
+    from balora.experiments.compare import _parse_shard
 
     assert _parse_shard("2/3") == (2, 3)
     with pytest.raises(argparse.ArgumentTypeError, match="1 <= I <= N"):

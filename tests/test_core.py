@@ -12,9 +12,9 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments
 
 from balora import AdapterConfig, BALoraConfig, BALoraTrainer, ReferenceSnapshot, build_peft_model, reference_forward
-from balora.config import METHODS
-from balora.export import load_trained, save_adapter, save_converted_lora, save_merged
-from balora.losses import nlg_terms
+from balora.core.config import METHODS
+from balora.core.export import load_trained, save_adapter, save_converted_lora, save_merged
+from balora.core.losses import nlg_terms
 
 ALL_METHODS = list(METHODS)
 
@@ -304,7 +304,7 @@ def test_trainer_fused_loss_equals_full_logits_loss_and_gradients(tmp_path):
 def test_trainable_output_layer_falls_back_to_full_logits(tmp_path, caplog):
     adapter = AdapterConfig(method="ba-lora", r=4, target_modules=["q_proj", "v_proj", "lm_head"])
     model = build_peft_model(make_tiny_llama(), adapter, "nlg")
-    with caplog.at_level("WARNING", logger="balora.trainer"):
+    with caplog.at_level("WARNING", logger="balora.training.trainer"):
         trainer = BALoraTrainer(model=model, args=args(tmp_path), balora_config=BALoraConfig())
     assert trainer._fused is None
     assert "computing the loss from full logits: the output layer is adapted by PEFT" in caplog.text

@@ -1,4 +1,4 @@
-"""balora.data: loading, prompt masking, truncation, classification labels, seeded splits.
+"""balora.training.data: loading, prompt masking, truncation, classification labels, seeded splits.
 
 The default tests build a tiny word-level tokenizer in code; the ``assets`` tests use the
 fetched data sets and the SmolLM2 tokenizer and skip when those are absent.
@@ -13,8 +13,8 @@ import random
 import pytest
 import torch
 
-from balora import data as D
-from balora.data import (ClassificationDataConfig, DataError, InstructionCollator,
+from balora.training import data as D
+from balora.training.data import (ClassificationDataConfig, DataError, InstructionCollator,
                          InstructionDataConfig, build_classification_dataset,
                          build_instruction_dataset, load_records, split_records)
 
@@ -150,7 +150,7 @@ def test_truncation_cuts_the_response_and_is_counted_and_logged(tok, caplog):
             {"query": " ".join(["hello"] * 20), "response": "a"}]
     p_len = len(tok("hello\n")["input_ids"])
     cfg = InstructionDataConfig(template="plain", max_length=p_len + 4)
-    with caplog.at_level(logging.WARNING, logger="balora.data"):
+    with caplog.at_level(logging.WARNING, logger="balora.training.data"):
         feats, stats = build_instruction_dataset(rows, tok, cfg, source_name="toy.jsonl")
     assert stats == {"records": 3, "examples": 2, "truncated": 1, "dropped": 1,
                      "prompt_tokens": 2 * p_len, "response_tokens": 4 + 2,
@@ -167,7 +167,7 @@ def test_truncation_cuts_the_response_and_is_counted_and_logged(tok, caplog):
 
 
 def test_no_warning_without_truncation(tok, caplog):
-    with caplog.at_level(logging.WARNING, logger="balora.data"):
+    with caplog.at_level(logging.WARNING, logger="balora.training.data"):
         build_instruction_dataset(QA, tok, InstructionDataConfig())
     assert not caplog.records
 
@@ -314,7 +314,7 @@ def test_classification_text_pair_regression_truncation_and_collator(tok, caplog
             {"passage": " ".join("abcdefgh"), "question": "e f", "label": 1.0}]
     cfg = ClassificationDataConfig(text_field="passage", text_pair_field="question",
                                    max_length=6)
-    with caplog.at_level(logging.WARNING, logger="balora.data"):
+    with caplog.at_level(logging.WARNING, logger="balora.training.data"):
         feats, label_map = build_classification_dataset(rows, tok, cfg)
     assert label_map is None and [f["labels"] for f in feats] == [0.5, 1.0]  # regression
     assert feats[0]["input_ids"] == tok("a b c", "d")["input_ids"]  # the pair is encoded

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from balora.evaluation.classification import classification_metrics, regression_metrics
+from balora.training.metrics import classification_metrics, regression_metrics
 
 
 def test_binary_case_by_hand():

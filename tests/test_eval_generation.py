@@ -108,7 +108,7 @@ def test_peft_and_merged_models_generate_alike(lm):
 
 
 def test_prompt_formats():
-    from balora.data import ALPACA_PROMPT
+    from balora.training.data import ALPACA_PROMPT
 
     assert format_prompt("How many?") == ALPACA_PROMPT.format(query="How many?")
     assert format_prompt("x", "plain") == "x"
@@ -117,9 +117,9 @@ def test_prompt_formats():
 
 
 def test_load_for_eval_model_and_run_directories(tmp_path, lm):
-    from balora.adapters import build_peft_model
-    from balora.export import save_adapter
-    from balora.run_config import dump_run_config, run_config_from_dict
+    from balora.core.adapters import build_peft_model
+    from balora.core.export import save_adapter
+    from balora.training.run_config import dump_run_config, run_config_from_dict
 
     _, tok = lm
     model_dir = tmp_path / "model"

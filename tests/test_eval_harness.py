@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from balora.evaluation.cli import add_eval_parser
+from balora.cli.eval import add_eval_parser
 from balora.evaluation.harness import TASKS, EvalError, asdiv_match, evaluate
 from conftest import make_tiny_llama, make_word_tokenizer
 

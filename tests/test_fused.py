@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from balora import losses
-from balora.config import BALoraConfig
-from balora.fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
+from balora.core import losses
+from balora.core.config import BALoraConfig
+from balora.core.fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
 
 B, T, D, V = 3, 9, 16, 300
 TERMS = ("task_sum", "consistency", "diversity", "svd")
@@ -70,9 +70,9 @@ def test_values_and_gradients_match_full_logits(dtype, with_bias, top_k, tempera
 
 
 def test_bf16_output_layer_cast_in_vocabulary_blocks(monkeypatch):
-    import balora.fused
+    import balora.core.fused
 
-    monkeypatch.setattr(balora.fused, "_CAST_ELEMENTS", 7 * D)  # 43 blocks of 7 rows
+    monkeypatch.setattr(balora.core.fused, "_CAST_ELEMENTS", 7 * D)  # 43 blocks of 7 rows
     hidden, ref, weight, bias, labels = _inputs(torch.bfloat16, True)
     weight, bias = weight.bfloat16(), bias.bfloat16()
     cfg = BALoraConfig(top_k=5, svd_k=3)

@@ -16,12 +16,12 @@ import yaml
 from conftest import make_tiny_bert, make_tiny_llama, make_word_tokenizer
 
 from balora.cli import main
-from balora.config import ConfigError
-from balora.data import DataError, balance_classes, imbalance_subsample, parse_ratio
-from balora.lab import run_lab
-from balora.lab.noise import flip_labels, split_halves
-from balora.lab.spectral import effective_rank, singular_values
-from balora.run_config import run_config_from_dict
+from balora.core.config import ConfigError
+from balora.training.data import DataError, balance_classes, imbalance_subsample, parse_ratio
+from balora.experiments.lab import run_lab
+from balora.experiments.lab.noise import flip_labels, split_halves
+from balora.experiments.lab.spectral import effective_rank, singular_values
+from balora.training.run_config import run_config_from_dict
 
 QUIET = {"show_progress": False, "say": lambda message: None}
 PNG = b"\x89PNG"
@@ -241,7 +241,7 @@ def test_lab_noise_end_to_end(tmp_path, assets):
 
 # ---------------------------------------------------------------- bias
 def _nlg_compare(tmp_path: Path, assets: Path, grid: dict) -> Path:
-    from balora.compare import run_compare
+    from balora.experiments.compare import run_compare
 
     nlg = {"method": "lora", "model": {"name": str(assets / "tiny-llama"), "task": "nlg"}, "adapter": {"r": 2},
            "data": {"source": str(assets / "nlg.jsonl"), "template": "plain", "max_length": 16, "test_fraction": 0.2},
@@ -294,7 +294,7 @@ def test_lab_bias_end_to_end(tmp_path, assets):
 
 
 def test_paired_item_change_against_a_naive_bootstrap():
-    from balora.lab.bias import paired_item_change
+    from balora.experiments.lab.bias import paired_item_change
 
     rng = random.Random(3)
     before = [rng.random() < 0.55 for _ in range(200)]
@@ -337,8 +337,8 @@ def test_lab_bias_per_task_limits(tmp_path, assets):
 
 # ---------------------------------------------------------------- spectrum
 def test_spectrum_callback_leaves_training_unchanged(tmp_path, assets):
-    from balora.lab.spectrum import SpectrumCallback
-    from balora.run import train_run
+    from balora.experiments.lab.spectrum import SpectrumCallback
+    from balora.training.run import train_run
 
     def run(name: str, with_callback: bool) -> list[float]:
         data = _nlu_config(assets, steps=4) | {"method": "ba-lora", "output_dir": str(tmp_path / name)}
@@ -420,9 +420,9 @@ def test_lab_errors(tmp_path, assets, capsys):
 
 def test_committed_specs_expand():
     """The specs under docs/results/lab/ parse and expand into the documented grids (nothing runs)."""
-    from balora.compare import build_cells
-    from balora.lab import bias, imbalance, noise, spectrum
-    from balora.lab.common import load_lab_spec
+    from balora.experiments.compare import build_cells
+    from balora.experiments.lab import bias, imbalance, noise, spectrum
+    from balora.experiments.lab.common import load_lab_spec
 
     root = Path(__file__).resolve().parents[1] / "docs" / "results" / "lab"
     spec = load_lab_spec(root / "imbalance" / "spec.yaml", "imbalance", imbalance.KEYS)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from balora import regularizers as R
+from balora.core import regularizers as R
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -11,7 +11,7 @@ from balora import AdapterConfig, BALoraConfig, build_peft_model  # noqa: E402
 
 
 def test_sft_trainer_with_mixin_trains_and_logs_terms(tmp_path):
-    from balora.sft import BALoraSFTTrainer
+    from balora.training.sft import BALoraSFTTrainer
 
     rows = [{"prompt": " ".join(f"w{(i + j) % 20}" for j in range(4)),
              "completion": " " + " ".join(f"w{(i + j) % 7 + 30}" for j in range(6))} for i in range(16)]

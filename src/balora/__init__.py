@@ -10,20 +10,20 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AdapterConfig": "config",
-    "BALoraConfig": "config",
-    "ConfigError": "config",
-    "build_peft_model": "adapters",
-    "default_target_modules": "adapters",
-    "lora_config_for": "adapters",
-    "ReferenceSnapshot": "reference",
-    "reference_forward": "reference",
-    "BALoraTrainer": "trainer",
-    "BALoraTrainerMixin": "trainer",
-    "load_trained": "export",
-    "save_adapter": "export",
-    "save_converted_lora": "export",
-    "save_merged": "export",
+    "AdapterConfig": "core.config",
+    "BALoraConfig": "core.config",
+    "ConfigError": "core.config",
+    "build_peft_model": "core.adapters",
+    "default_target_modules": "core.adapters",
+    "lora_config_for": "core.adapters",
+    "ReferenceSnapshot": "core.reference",
+    "reference_forward": "core.reference",
+    "BALoraTrainer": "training.trainer",
+    "BALoraTrainerMixin": "training.trainer",
+    "load_trained": "core.export",
+    "save_adapter": "core.export",
+    "save_converted_lora": "core.export",
+    "save_merged": "core.export",
 }
 
 __all__ = sorted(_EXPORTS)

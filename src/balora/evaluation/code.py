@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .sandbox import ExecutionResult, Sandbox, SandboxLimits
+from balora.evaluation.sandbox import ExecutionResult, Sandbox, SandboxLimits
 
 __all__ = [
     "build_program",

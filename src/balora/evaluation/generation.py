@@ -207,9 +207,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str],
 # ---------------------------------------------------------------- prompts
 
 def format_prompt(query: str, style: str = "alpaca", tokenizer: Any = None) -> str:
-    """A math/instruction prompt: ``alpaca`` (the NLG training format of ``balora.data``),
+    """A math/instruction prompt: ``alpaca`` (the NLG training format of ``balora.training.data``),
     ``chat`` (the tokenizer's chat template, one user turn) or ``plain`` (the query alone)."""
-    from ..data import ALPACA_PROMPT
+    from balora.training.data import ALPACA_PROMPT
 
     if style == "alpaca":
         return ALPACA_PROMPT.format(query=query)
@@ -253,7 +253,7 @@ def _finish_tokenizer(tokenizer: Any) -> Any:
 def _load_plain(spec: str, dtype: str, device: torch.device) -> EvalModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..assets import resolve
+    from balora.assets import resolve
 
     path = resolve(spec)
     try:
@@ -266,9 +266,9 @@ def _load_plain(spec: str, dtype: str, device: torch.device) -> EvalModel:
 
 
 def _load_run(run: Path, device: torch.device) -> EvalModel:
-    from ..export import load_trained
-    from ..run import load_base_model, load_tokenizer
-    from ..run_config import load_run_config
+    from balora.core.export import load_trained
+    from balora.training.run import load_base_model, load_tokenizer
+    from balora.training.run_config import load_run_config
 
     cfg = load_run_config(run / "config.yaml")
     if cfg.model.task != "nlg":
@@ -285,9 +285,9 @@ def _load_run(run: Path, device: torch.device) -> EvalModel:
 
 
 def _load_adapter(adapter: Path, dtype: str, device: torch.device) -> EvalModel:
-    from ..export import load_trained
+    from balora.core.export import load_trained
 
-    from ..export import METADATA_FILE
+    from balora.core.export import METADATA_FILE
 
     # balora's own metadata keeps the spec as configured (asset:NAME); PEFT's field holds the
     # path the base was loaded from, which may be machine-specific.
@@ -313,7 +313,7 @@ def load_for_eval(spec: str, *, dtype: str = "float32", device: str | None = Non
     """Load what ``spec`` names, for evaluation (eval mode, on ``device``, default CUDA if present):
 
     * a run directory (``config.yaml`` + ``adapter/``): the base model from its config with the
-      trained adapter (``balora.export.load_trained``), in the run's dtype;
+      trained adapter (``balora.core.export.load_trained``), in the run's dtype;
     * a PEFT adapter directory (``adapter_config.json``): loaded onto its base model;
     * a model directory, a hub id or ``asset:NAME``: ``AutoModelForCausalLM``.
     """

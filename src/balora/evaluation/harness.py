@@ -3,14 +3,14 @@
 Tasks (``TASKS``):
 
 * ``gsm8k``: the first ``limit`` problems of the GSM8K test file (deterministic subset).
-* ``asdiv``: the held-out test split of ``balora.data.asdiv_splits`` (500 problems; never trained on).
+* ``asdiv``: the held-out test split of ``balora.training.data.asdiv_splits`` (500 problems; never trained on).
 * ``math``: a user JSONL file (``problem``, ``solution`` with ``\\boxed{}``, optional ``answer``),
   compared with sympy (``symbolic=True``).
 * ``humaneval``: raw prompts (code completion), Codex stop strings, sandboxed pass@k.
 * ``forgetting``, ``crows_pairs``, ``stereoset``, ``bbq``: likelihood scoring, see
   :mod:`balora.evaluation.likelihood`.
 
-Math prompts use the Alpaca format of the NLG training (``balora.data.ALPACA_PROMPT``; query = the
+Math prompts use the Alpaca format of the NLG training (``balora.training.data.ALPACA_PROMPT``; query = the
 GSM8K question, or ASDiv passage + " " + question), so a fine-tuned model is evaluated in its
 training format, and so is the untuned model it is compared with, Instruct models included
 (``prompt="chat"`` uses the tokenizer's chat template instead).
@@ -48,7 +48,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .generation import (
+from balora.evaluation.generation import (
     ALPACA_STOP, HUMANEVAL_STOP, EvalModel, GenerationSettings, format_prompt, generate,
     load_for_eval,
 )
@@ -143,7 +143,7 @@ def _words(text: str) -> str:
 
 def asdiv_match(completion: str, gold: str) -> tuple[str | None, bool]:
     """(extracted answer, correct) for an ASDiv gold answer (rules in the module doc)."""
-    from .math_answers import answers_equal, extract_answer, normalize_number
+    from balora.evaluation.math_answers import answers_equal, extract_answer, normalize_number
 
     if normalize_number(gold) is not None:
         pred = extract_answer(completion)
@@ -189,7 +189,7 @@ def _run_math(ev: EvalModel, items: list[dict[str, Any]], task: str, opts: EvalO
 
 
 def _numeric_match(symbolic: bool) -> Callable[[str, str], tuple[str | None, bool]]:
-    from .math_answers import answers_equal, extract_answer
+    from balora.evaluation.math_answers import answers_equal, extract_answer
 
     def match(completion: str, gold: str) -> tuple[str | None, bool]:
         pred = extract_answer(completion)
@@ -198,7 +198,7 @@ def _numeric_match(symbolic: bool) -> Callable[[str, str], tuple[str | None, boo
 
 
 def _load_gsm8k(opts: EvalOptions) -> list[dict[str, Any]]:
-    from .math_answers import default_gsm8k_path, load_gsm8k
+    from balora.evaluation.math_answers import default_gsm8k_path, load_gsm8k
 
     path = opts.data.get("gsm8k")
     if path is None and not default_gsm8k_path().exists():
@@ -209,7 +209,7 @@ def _load_gsm8k(opts: EvalOptions) -> list[dict[str, Any]]:
 
 
 def _load_asdiv(opts: EvalOptions) -> list[dict[str, Any]]:
-    from ..data import asdiv_splits, load_records
+    from balora.training.data import asdiv_splits, load_records
 
     path = opts.data.get("asdiv")
     rows = list(load_records(path)) if path else asdiv_splits()["test"]
@@ -222,7 +222,7 @@ def _load_asdiv(opts: EvalOptions) -> list[dict[str, Any]]:
 
 
 def _load_math(opts: EvalOptions) -> list[dict[str, Any]]:
-    from .math_answers import extract_answer
+    from balora.evaluation.math_answers import extract_answer
 
     path = opts.data.get("math")
     if not path:
@@ -247,8 +247,8 @@ def _load_math(opts: EvalOptions) -> list[dict[str, Any]]:
 
 
 def _load_humaneval(opts: EvalOptions) -> dict[str, dict[str, Any]]:
-    from ..assets import main_file
-    from .code import load_humaneval
+    from balora.assets import main_file
+    from balora.evaluation.code import load_humaneval
 
     problems = load_humaneval(opts.data.get("humaneval") or main_file("humaneval"))
     ids = list(problems)[:opts.limit] if opts.limit is not None else list(problems)
@@ -257,7 +257,7 @@ def _load_humaneval(opts: EvalOptions) -> dict[str, dict[str, Any]]:
 
 def _run_humaneval(ev: EvalModel, problems: dict[str, dict[str, Any]], opts: EvalOptions,
                    progress: Progress) -> TaskOutput:
-    from .code import evaluate_samples
+    from balora.evaluation.code import evaluate_samples
 
     ids = list(problems)
     result = generate(ev.model, ev.tokenizer, [problems[t]["prompt"] for t in ids],
@@ -285,7 +285,7 @@ _BASE_CROSS_ENTROPY: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 def _run_forgetting(ev: EvalModel, texts: list[str], opts: EvalOptions,
                     progress: Progress) -> TaskOutput:
-    from .likelihood import corpus_cross_entropy
+    from balora.evaluation.likelihood import corpus_cross_entropy
 
     kw = {"max_tokens": opts.forgetting_max_tokens, "batch_size": opts.batch_size}
     after = corpus_cross_entropy(ev.model, ev.tokenizer, texts, **kw,
@@ -336,7 +336,7 @@ def _every_tenth(progress: Progress, what: str) -> Callable[[int, int], None]:
 def _likelihood_task(scorer_name: str) -> Callable[..., TaskOutput]:
     def run(ev: EvalModel, rows: list[dict[str, Any]], opts: EvalOptions,
             progress: Progress) -> TaskOutput:
-        from . import likelihood
+        from balora.evaluation import likelihood
 
         out = getattr(likelihood, scorer_name)(ev.model, ev.tokenizer, rows,
                                                batch_size=opts.batch_size,
@@ -348,7 +348,7 @@ def _likelihood_task(scorer_name: str) -> Callable[..., TaskOutput]:
 
 def _likelihood_loader(loader_name: str, task: str) -> Callable[[EvalOptions], list]:
     def load(opts: EvalOptions) -> list[dict[str, Any]]:
-        from . import likelihood
+        from balora.evaluation import likelihood
 
         rows = getattr(likelihood, loader_name)(opts.data.get(task))
         return rows[:opts.limit] if opts.limit is not None else rows
@@ -356,7 +356,7 @@ def _likelihood_loader(loader_name: str, task: str) -> Callable[[EvalOptions], l
 
 
 def _load_xsum(opts: EvalOptions) -> list[str]:
-    from .likelihood import load_xsum_texts
+    from balora.evaluation.likelihood import load_xsum_texts
 
     return load_xsum_texts(opts.data.get("forgetting"), limit=opts.limit or opts.forgetting_docs)
 
@@ -452,7 +452,7 @@ def evaluate(model_spec: str | EvalModel, tasks: Sequence[str], *, limit: int | 
         out_dir = Path(ev.spec) / "eval"
     out = Path(out_dir) if out_dir is not None else None
 
-    from ..run import versions
+    from balora.training.run import versions
 
     report: dict[str, Any] = {"model": ev.spec, "model_kind": ev.kind, "base_model": ev.base_spec,
                               "tasks": {}}

@@ -170,7 +170,7 @@ def _require(rows: list[dict[str, Any]], fields: Iterable[str], path: str | Path
 
 
 def _default(asset: str, path: str | Path | None) -> Path:
-    from ..assets import main_file
+    from balora.assets import main_file
 
     return Path(path) if path is not None else main_file(asset)
 

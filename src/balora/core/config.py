@@ -124,7 +124,7 @@ class BALoraConfig:
 
 @dataclass
 class AdapterConfig:
-    """Which adapter to build and where (see `balora.adapters.build_peft_model`)."""
+    """Which adapter to build and where (see `balora.core.adapters.build_peft_model`)."""
 
     method: Method = "ba-lora"
     r: int = 16

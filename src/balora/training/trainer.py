@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .config import BALoraConfig
-from .fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
-from .losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate, nlu_terms
-from .reference import ReferenceSnapshot, reference_forward, teacher_forward
+from balora.core.config import BALoraConfig
+from balora.core.fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
+from balora.core.losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate, nlu_terms
+from balora.core.reference import ReferenceSnapshot, reference_forward, teacher_forward
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class BALoraTrainerMixin:
             By default the reference is the student with its initial trainable tensors switched in.
         fused_loss: for causal LMs with a plain frozen output layer, compute the task loss and the
             terms from the final hidden states in chunks of ``loss_chunk_size`` valid positions
-            (`balora.fused`), never holding (tokens × vocabulary) logits for backward. Exact; falls
+            (`balora.core.fused`), never holding (tokens × vocabulary) logits for backward. Exact; falls
             back to full logits, with a logged reason, when the model does not qualify.
     """
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import regularizers as R
-from .config import BALoraConfig
+from balora.core import regularizers as R
+from balora.core.config import BALoraConfig
 
 
 @dataclass

@@ -13,8 +13,8 @@ DEFAULT_DEMO_STEPS = 100
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .run import train_run
-    from .run_config import load_run_config
+    from balora.training.run import train_run
+    from balora.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     if args.threads:
@@ -29,9 +29,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import load_trained, save_converted_lora, save_merged
-    from .run import load_base_model, load_tokenizer
-    from .run_config import load_run_config
+    from balora.core.export import load_trained, save_converted_lora, save_merged
+    from balora.training.run import load_base_model, load_tokenizer
+    from balora.training.run_config import load_run_config
 
     run = Path(args.run_dir)
     cfg = load_run_config(run / "config.yaml")
@@ -79,7 +79,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
-    from . import assets
+    from balora import assets
 
     if args.action == "fetch":
         for path in assets.fetch(args.names or None, force=args.force):
@@ -94,7 +94,7 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from balora.cli.demo import run_demo
 
     run_demo(Path(args.output_dir), steps=args.steps, methods=args.methods.split(","))
     return 0
@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="ba-lora,pissa")
     p.set_defaults(func=_cmd_demo)
 
-    from .compare import add_compare_parser
-    from .evaluation.cli import add_eval_parser
-    from .lab import add_lab_parser
+    from balora.experiments.compare import add_compare_parser
+    from balora.cli.eval import add_eval_parser
+    from balora.experiments.lab import add_lab_parser
 
     add_compare_parser(sub)
     add_eval_parser(sub)
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .assets import AssetError
-    from .config import ConfigError
-    from .data import DataError
+    from balora.assets import AssetError
+    from balora.core.config import ConfigError
+    from balora.training.data import DataError
 
     expected: tuple[type[BaseException], ...] = (ConfigError, DataError, AssetError, FileNotFoundError,
                                                  FileExistsError, FloatingPointError, OSError)

@@ -26,8 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data import parse_ratio
-from .common import (LabSpec, Say, check_keys, compare_spec, figure, fmt, get_list, get_mapping, load_lab_spec,
+from balora.training.data import parse_ratio
+from balora.experiments.lab.common import (LabSpec, Say, check_keys, compare_spec, figure, fmt, get_list, get_mapping, load_lab_spec,
                      md_table, now, regenerate_lines, save_figure, say_print, separated, spread_words, stats,
                      write_json)
 
@@ -141,7 +141,7 @@ def _plot(task: str, table: dict[str, Any], methods: list[str], ratios: list[str
 def report(spec: LabSpec, ratios: list[Any], methods: list[str], seeds: list[int],
            specs: dict[str, Any]) -> dict[str, Any]:
     """results.json, README.md and plots from the cells' result.json files."""
-    from ..compare import build_cells
+    from balora.experiments.compare import build_cells
 
     labels = [_ratio_label(r) for r in ratios]
     out: dict[str, Any] = {"experiment": "imbalance", "spec": str(spec.path), "ratios": labels,
@@ -203,7 +203,7 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
 def run(spec_path: str | Path, *, only_report: bool = False, show_progress: bool = True,
         say: Say = say_print) -> dict[str, Any]:
     """Run (resumably) every task's compare grid, then write the report."""
-    from ..compare import run_compare
+    from balora.experiments.compare import run_compare
 
     spec = load_lab_spec(spec_path, "imbalance", KEYS, required=("tasks",))
     ratios, methods, seeds, specs = _setup(spec)

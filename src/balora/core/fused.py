@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import regularizers as R
-from .config import BALoraConfig
-from .losses import MicroBatchTerms, shifted_targets
+from balora.core import regularizers as R
+from balora.core.config import BALoraConfig
+from balora.core.losses import MicroBatchTerms, shifted_targets
 
 # Vocabulary rows cast to float32 at a time when the output layer is stored in another dtype: a
 # whole float32 copy of a large lm_head can outweigh the logits chunk we are trying to avoid.

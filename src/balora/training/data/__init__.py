@@ -183,7 +183,7 @@ def load_records(source: str, *, split: str | None = None, fmt: str | None = Non
     ``split`` picks the file in a directory or the hub split (default ``"train"``; ``dev``,
     ``val`` and ``valid`` files answer to ``"validation"``).  Raises ``DataError``.
     """
-    from .assets import resolve
+    from balora.assets import resolve
 
     path = Path(resolve(source)).expanduser()
     if path.is_dir():
@@ -227,7 +227,7 @@ def _load_hub(source: str, split: str) -> Records:
 def available_splits(source: str) -> dict[str, str]:
     """Named splits of a source, canonical name -> name to pass as ``split``; ``{}`` for a
     single file."""
-    from .assets import resolve
+    from balora.assets import resolve
 
     path = Path(resolve(source)).expanduser()
     if path.is_dir():

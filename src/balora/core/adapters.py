@@ -11,8 +11,8 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from .config import AdapterConfig
-from .reference import ReferenceSnapshot
+from balora.core.config import AdapterConfig
+from balora.core.reference import ReferenceSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def build_peft_model(model: nn.Module, adapter: AdapterConfig, task: str = "nlg"
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0 if adapter.init_seed is None else adapter.init_seed)
         peft_model = get_peft_model(model, config)
-    # The initial trainable tensors are the reference model's (see balora.reference); record them now,
+    # The initial trainable tensors are the reference model's (see balora.core.reference); record them now,
     # before any training or checkpoint loading can change them.
     ReferenceSnapshot.from_model(peft_model).attach(peft_model)
     logger.info("built %s adapter (r=%d, alpha=%s) on %s", adapter.method, adapter.r, adapter.alpha,

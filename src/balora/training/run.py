@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import data as D
-from .assets import resolve
-from .run_config import RunConfig, dump_run_config
+from balora.training import data as D
+from balora.assets import resolve
+from balora.training.run_config import RunConfig, dump_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def versions() -> dict[str, str]:
     import peft
     import transformers
 
-    from . import __version__
+    from balora import __version__
 
     return {"balora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
@@ -194,7 +194,7 @@ def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict
     if not dataset:
         return {}
     if task == "nlu":
-        from .evaluation.classification import classification_metrics, regression_metrics
+        from balora.training.metrics import classification_metrics, regression_metrics
 
         output = trainer.predict(dataset)
         logits = torch.as_tensor(output.predictions)
@@ -224,10 +224,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from .adapters import build_peft_model, trainable_parameter_count
-    from .export import save_adapter, save_converted_lora, save_merged
-    from .progress import BALoraProgressCallback
-    from .trainer import BALoraTrainer
+    from balora.core.adapters import build_peft_model, trainable_parameter_count
+    from balora.core.export import save_adapter, save_converted_lora, save_merged
+    from balora.training.callbacks import BALoraProgressCallback
+    from balora.training.trainer import BALoraTrainer
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

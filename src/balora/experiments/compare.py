@@ -117,8 +117,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import ConfigError
-from .run_config import RunConfig, apply_overrides, parse_override, run_config_from_dict
+from balora.core.config import ConfigError
+from balora.training.run_config import RunConfig, apply_overrides, parse_override, run_config_from_dict
 
 __all__ = ["SCHEMA_VERSION", "Cell", "CompareSpec", "add_compare_parser", "build_cells", "load_spec", "run_cell",
            "run_compare", "spec_from_dict", "summarize", "write_summary"]
@@ -166,7 +166,7 @@ class CompareSpec:
 
 
 def _read_yaml(path: Path) -> Any:
-    from .run_config import _numbers  # YAML 1.1 reads "1e-3" as a string; the run configs treat it as a number
+    from balora.training.run_config import _numbers  # YAML 1.1 reads "1e-3" as a string; the run configs treat it as a number
 
     try:
         return _numbers(yaml.safe_load(path.read_text()))
@@ -179,7 +179,7 @@ def _read_yaml(path: Path) -> Any:
 def _find_base(name: str, spec_dir: Path | None) -> Path:
     candidates = [spec_dir / name] if spec_dir is not None else []
     candidates.append(Path(name))
-    from .demo import preset_path
+    from balora.cli.demo import preset_path
 
     candidates.append(preset_path(Path(name).name))
     for path in candidates:
@@ -338,7 +338,7 @@ def _resolve(raw: dict[str, Any], values: dict[str, Any], run_dir: Path,
 
 def build_cells(spec: CompareSpec) -> list[Cell]:
     """Expand the grid and check every cell's configuration; nothing runs or is written."""
-    from .run_config import _numbers
+    from balora.training.run_config import _numbers
 
     try:
         raw = apply_overrides(copy.deepcopy(spec.base), spec.overrides)
@@ -380,7 +380,7 @@ def _check_eval_tasks(cells: list[Cell], source: str) -> None:
     if not wanted:
         return
     try:
-        from .evaluation import harness
+        from balora.evaluation import harness
     except ImportError as error:
         raise ConfigError(f"{source}: eval.tasks {wanted} need balora.evaluation.harness ({error})") from None
     unknown = [t for t in wanted if t not in harness.TASKS]
@@ -492,7 +492,7 @@ def _peak_gpu_mb() -> float | None:
 
 def _train(cell: Cell, train_fn: TrainFn, show_progress: bool, say: Say) -> dict[str, Any]:
     """Train the cell, resuming a killed run from its checkpoint; reuse a finished run's metrics."""
-    from .run import latest_checkpoint
+    from balora.training.run import latest_checkpoint
 
     metrics_path = cell.run_dir / "metrics.json"
     if metrics_path.is_file():  # written last by train_run: training finished, only what follows failed
@@ -509,7 +509,7 @@ def _evaluate(cell: Cell, say: Say) -> dict[str, Any]:
     ev = cell.config.eval
     if not ev.tasks:
         return {}
-    from .evaluation.harness import evaluate
+    from balora.evaluation.harness import evaluate
 
     report = evaluate(str(cell.run_dir), list(ev.tasks), limit=ev.limit, batch_size=ev.batch_size,
                       max_new_tokens=ev.max_new_tokens, progress=lambda m: say(f"  {m}"))
@@ -528,7 +528,7 @@ def _train_tokens(data_stats: dict[str, Any]) -> int | None:
 
 
 def _base_result(cell: Cell) -> dict[str, Any]:
-    from .run import TRAINING_DEFAULTS
+    from balora.training.run import TRAINING_DEFAULTS
 
     return {"schema_version": SCHEMA_VERSION, "cell_id": cell.id, "grid": cell.grid, "group": cell.group,
             "seed": cell.config.training.get("seed", TRAINING_DEFAULTS["seed"]), "method": cell.config.method,
@@ -555,9 +555,9 @@ def _fill_ok(result: dict[str, Any], cell: Cell, metrics: dict[str, Any], evalua
 def run_cell(cell: Cell, *, retries: int = 1, train_fn: TrainFn | None = None, show_progress: bool = True,
              say: Say = _print) -> dict[str, Any]:
     """Train (+ evaluate) one cell, retrying a crash ``retries`` times; writes and returns result.json."""
-    from . import run as run_module
+    from balora.training import run as run_module
 
-    train = train_fn or run_module.train_run  # looked up now: tests may monkeypatch balora.run.train_run
+    train = train_fn or run_module.train_run  # looked up now: tests may monkeypatch balora.training.run.train_run
     result = _base_result(cell)
     started = time.perf_counter()
     for attempt in range(1, retries + 2):
@@ -781,7 +781,7 @@ def write_summary(spec: CompareSpec, cells: list[Cell], say: Say = _print) -> di
     summary = summarize(spec, cells, results)
     plots: list[str] = []
     try:
-        from .plots import make_plots
+        from balora.experiments.plots import make_plots
     except ImportError as error:  # matplotlib is the optional `report` extra: the tables do not need it
         say(f"plots skipped: {error} (pip install 'balora[report]')")
     else:
@@ -805,7 +805,7 @@ def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bo
     summary of what is finished so far, and ``only_summary`` after the last one gives the whole.
     ``dry_run``: list the cells and their state, run nothing (returns ``{"cells": [...]}``).
     ``only_summary``: rebuild summary and plots from the existing result.json files.
-    ``train_fn`` replaces `balora.run.train_run`; ``after_cell(cell, result)`` runs after each
+    ``train_fn`` replaces `balora.training.run.train_run`; ``after_cell(cell, result)`` runs after each
     finished cell (tests use both).
     """
     if retries < 0:
@@ -938,7 +938,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("compare", help="run a grid of configurations (methods × seeds) and summarise it",
                               description="Run every cell of a comparison spec (resumably), then write "
                                           "summary.md, summary.json and plots/. Exit status 1 if a cell failed.")
-    p.add_argument("spec", help="YAML comparison spec (base, grid, overrides, metrics; see balora.compare)")
+    p.add_argument("spec", help="YAML comparison spec (base, grid, overrides, metrics; see balora.experiments.compare)")
     p.add_argument("--retries", type=int, default=1, help="retries of a crashed cell before it is recorded as "
                                                           "failed (default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")

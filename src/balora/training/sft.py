@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from trl import SFTTrainer
 
-from .trainer import BALoraTrainerMixin
+from balora.training.trainer import BALoraTrainerMixin
 
 
 class BALoraSFTTrainer(BALoraTrainerMixin, SFTTrainer):

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import ConfigError
+from balora.core.config import ConfigError
 
 Say = Callable[[str], None]
 
@@ -45,7 +45,7 @@ class LabSpec:
 def load_lab_spec(path: str | Path, experiment: str, known: Sequence[str],
                   required: Sequence[str] = ()) -> LabSpec:
     """Read a lab spec; unknown or missing keys and an ``experiment:`` naming another lab are errors."""
-    from ..compare import _read_yaml
+    from balora.experiments.compare import _read_yaml
 
     path = Path(path)
     if not path.is_file():
@@ -122,7 +122,7 @@ def compare_spec(spec: LabSpec, mapping: dict[str, Any], where: str, *, name: st
                  metrics: Sequence[str] = ()) -> Any:
     """A `balora compare` spec from a lab spec's sub-mapping (base/base_config, overrides, grid...);
     the lab sets name and output_dir and adds its own grid keys and overrides."""
-    from ..compare import spec_from_dict
+    from balora.experiments.compare import spec_from_dict
 
     if not isinstance(mapping, dict):
         raise spec.error(where, f"expected a mapping (a compare spec: base or base_config, overrides...), "

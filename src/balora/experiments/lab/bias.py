@@ -36,8 +36,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from .common import (LabSpec, Say, figure, fmt, get_list, get_mapping, get_value, group_name, load_lab_spec,
+from balora.core.config import ConfigError
+from balora.experiments.lab.common import (LabSpec, Say, figure, fmt, get_list, get_mapping, get_value, group_name, load_lab_spec,
                      md_table, now,
                      regenerate_lines, save_figure, say_print, spread_words, stats, write_json)
 
@@ -335,7 +335,7 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
 def run(spec_path: str | Path, *, only_report: bool = False, say: Say = say_print,
         **_: Any) -> dict[str, Any]:
     """Evaluate (resumably) the base model and every run, then write the report."""
-    from ..evaluation.harness import evaluate
+    from balora.evaluation.harness import evaluate
 
     spec = load_lab_spec(spec_path, "bias", KEYS, required=("base_model",))
     tasks = get_list(spec, "tasks", str, default=list(BIAS_TASKS))

@@ -1,11 +1,11 @@
 """``balora lab EXPERIMENT SPEC.yaml``: controlled experiments on what fine-tuning inherits.
 
-* ``imbalance`` (`balora.lab.imbalance`): minority recall when the training split is subsampled to
+* ``imbalance`` (`balora.experiments.lab.imbalance`): minority recall when the training split is subsampled to
   minority:majority ratios;
-* ``noise`` (`balora.lab.noise`): checkpoints that differ only in the label noise of their continued
+* ``noise`` (`balora.experiments.lab.noise`): checkpoints that differ only in the label noise of their continued
   pre-training, each adapted to a clean task; BA-LoRA's gain over PiSSA per noise level;
-* ``bias`` (`balora.lab.bias`): CrowS-Pairs, StereoSet and BBQ before and after fine-tuning;
-* ``spectrum`` (`balora.lab.spectrum`): singular-value spectra, effective rank and t-SNE of the
+* ``bias`` (`balora.experiments.lab.bias`): CrowS-Pairs, StereoSet and BBQ before and after fine-tuning;
+* ``spectrum`` (`balora.experiments.lab.spectrum`): singular-value spectra, effective rank and t-SNE of the
   features and logits during training.
 
 Each writes ``results.json``, ``README.md`` and ``plots/*.png`` into its spec's ``output_dir``
@@ -19,7 +19,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from balora.core.config import ConfigError
 
 __all__ = ["EXPERIMENTS", "add_lab_parser", "run_lab"]
 

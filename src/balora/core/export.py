@@ -22,7 +22,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .reference import ReferenceSnapshot
+from balora.core.reference import ReferenceSnapshot
 
 METADATA_FILE = "balora_adapter.json"
 

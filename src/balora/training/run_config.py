@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import AdapterConfig, BALoraConfig, ConfigError
+from balora.core.config import AdapterConfig, BALoraConfig, ConfigError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the examples come from and how they become tensors (see `balora.data`)."""
+    """Where the examples come from and how they become tensors (see `balora.training.data`)."""
 
     source: str = "asset:rotten-tomatoes"  # file, directory, asset:NAME or hub id
     splits: Literal["auto", "rotten-tomatoes", "boolq", "asdiv"] = "auto"
@@ -199,7 +199,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _check_data(cfg: RunConfig) -> None:
-    from .data import parse_ratio
+    from balora.training.data import parse_ratio
 
     d = cfg.data
     class_options = [name for name, on in (("imbalance_ratio", d.imbalance_ratio is not None),

@@ -48,8 +48,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError
-from .common import (LabSpec, Say, check_keys, compare_spec, figure, fmt, get_list, get_mapping, get_value,
+from balora.core.config import ConfigError
+from balora.experiments.lab.common import (LabSpec, Say, check_keys, compare_spec, figure, fmt, get_list, get_mapping, get_value,
                      load_lab_spec, md_table, now, regenerate_lines, save_figure, say_print, separated, set_path,
                      spread_words, stats, write_json)
 
@@ -118,7 +118,7 @@ def full_finetune(model_name: str, texts: Sequence[str], labels: Sequence[int], 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..assets import resolve
+    from balora.assets import resolve
 
     if len(texts) != len(labels) or (pairs is not None and len(pairs) != len(texts)):
         raise ValueError("texts, pairs and labels must have the same length")
@@ -181,7 +181,7 @@ class _Setup:
     """Everything the spec decides, checked before anything runs."""
 
     def __init__(self, spec: LabSpec) -> None:
-        from ..run_config import run_config_from_dict
+        from balora.training.run_config import run_config_from_dict
 
         self.spec = spec
         self.base_model = get_value(spec, spec.data, "base_model", str, "asset:minilm", "base_model")
@@ -234,8 +234,8 @@ class _Setup:
 # ---------------------------------------------------------------------------- running
 def _stage_data(setup: _Setup) -> tuple[list[dict], list[dict], list[dict]]:
     """(stage-1 records, stage-2 train records, test records) from the configured task."""
-    from ..run import raw_splits
-    from ..run_config import RunConfig
+    from balora.training.run import raw_splits
+    from balora.training.run_config import RunConfig
 
     cfg = RunConfig(model=RunConfig().model, data=setup.data_cfg)
     parts = raw_splits(cfg)
@@ -256,7 +256,7 @@ def _fingerprint(rows: list[dict], d: Any) -> str:
 
 def make_checkpoints(setup: _Setup, first: list[dict], say: Say) -> dict[str, Any]:
     """Stage 1 for every noise level whose checkpoint is missing; returns each level's noise.json."""
-    from ..data import _sorted_labels
+    from balora.training.data import _sorted_labels
 
     d = setup.data_cfg
     raw = [r[d.label_field] for r in first]
@@ -299,7 +299,7 @@ def make_checkpoints(setup: _Setup, first: list[dict], say: Say) -> dict[str, An
 
 
 def _results(setup: _Setup) -> dict[str, list[dict[str, Any]]]:
-    from ..compare import build_cells
+    from balora.experiments.compare import build_cells
 
     rows: dict[str, list[dict[str, Any]]] = {}
     for p, cspec in setup.compare_specs.items():
@@ -428,7 +428,7 @@ def render(setup: _Setup, out: dict[str, Any]) -> str:
 def run(spec_path: str | Path, *, only_report: bool = False, show_progress: bool = True,
         say: Say = say_print) -> dict[str, Any]:
     """Stage 1 (missing checkpoints), stage 2 (compare grids, resumable), then the report."""
-    from ..compare import run_compare
+    from balora.experiments.compare import run_compare
 
     spec = load_lab_spec(spec_path, "noise", KEYS, required=("downstream",))
     setup = _Setup(spec)

@@ -28,7 +28,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _data_pairs(pairs: list[str]) -> dict[str, str]:
-    from .harness import EvalError
+    from balora.evaluation.harness import EvalError
 
     out = {}
     for pair in pairs:
@@ -46,8 +46,8 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 def _score_samples(args: argparse.Namespace) -> int:
-    from ..assets import main_file
-    from .code import evaluate_samples, load_humaneval, read_samples
+    from balora.assets import main_file
+    from balora.evaluation.code import evaluate_samples, load_humaneval, read_samples
 
     problems = load_humaneval(args.problems or main_file("humaneval"))
     samples = read_samples(args.samples)
@@ -73,8 +73,8 @@ def _score_samples(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ..assets import AssetError, AssetMissingError
-    from .harness import EvalError, evaluate
+    from balora.assets import AssetError, AssetMissingError
+    from balora.evaluation.harness import EvalError, evaluate
 
     if args.threads:
         import torch
@@ -117,7 +117,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command to a ``balora`` sub-parser set; returns its parser."""
-    from .harness import TASKS
+    from balora.evaluation.harness import TASKS
 
     p = subparsers.add_parser(
         "eval", help="benchmark a model or run directory (math, code, forgetting, bias)",

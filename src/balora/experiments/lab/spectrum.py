@@ -3,7 +3,7 @@
 Each method × seed is a `balora compare` cell trained with a `SpectrumCallback`: at the given
 optimiser steps (0 = before the first update) it runs the model, in eval mode and without
 gradients, over a fixed subset of the test split and records the singular values and effective
-rank (`balora.lab.spectral`) of the pooled features that feed the classification head and of the
+rank (`balora.experiments.lab.spectral`) of the pooled features that feed the classification head and of the
 logits. The final step's features are kept for t-SNE. The callback restores train mode and the
 RNG state, so training is exactly as without it (tested).
 
@@ -33,10 +33,10 @@ from typing import Any, Sequence
 import numpy as np
 from transformers import TrainerCallback
 
-from .common import (LabSpec, Say, check_keys, compare_spec, figure, fmt, get_list, get_mapping, get_value, group_name,
+from balora.experiments.lab.common import (LabSpec, Say, check_keys, compare_spec, figure, fmt, get_list, get_mapping, get_value, group_name,
                      load_lab_spec, md_table, now, regenerate_lines, save_figure, say_print, spread_words, stats,
                      write_json)
-from .spectral import effective_rank, singular_values
+from balora.experiments.lab.spectral import effective_rank, singular_values
 
 KEYS = ("compare", "snapshot_steps", "n_examples", "center", "batch_size", "tsne")
 COMPARE_KEYS = ("base", "base_config", "grid", "variants", "overrides", "metrics")
@@ -45,7 +45,7 @@ KINDS = ("features", "logits")
 def snapshot_rows(cfg: Any, n_examples: int) -> list[dict]:
     """A seeded sample of ``n_examples`` test records (original order), the same for every method and
     seed: it depends only on the data settings."""
-    from ..run import raw_splits
+    from balora.training.run import raw_splits
 
     test = list(raw_splits(cfg)["test"])
     if not test:
@@ -83,8 +83,8 @@ class SpectrumCallback(TrainerCallback):
 
     # -- data, built lazily: label_map.json is written by train_run before training starts
     def _prepare(self) -> None:
-        from ..data import ClassificationDataConfig, build_classification_dataset, classification_collator
-        from ..run import load_tokenizer
+        from balora.training.data import ClassificationDataConfig, build_classification_dataset, classification_collator
+        from balora.training.run import load_tokenizer
 
         label_map = json.loads((self.run_dir / "label_map.json").read_text())
         d = self.cfg.data
@@ -100,7 +100,7 @@ class SpectrumCallback(TrainerCallback):
     def _outputs(self, model: Any) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from ..trainer import BALoraTrainerMixin
+        from balora.training.trainer import BALoraTrainerMixin
 
         if self._batches is None:
             self._prepare()
@@ -184,7 +184,7 @@ class _Setup:
                                     metrics=["test.accuracy", "test.macro_f1"])
 
     def train_fn(self):
-        from ..run import train_run
+        from balora.training.run import train_run
 
         def train(cfg: Any, **kwargs: Any) -> dict[str, Any]:
             if cfg.model.task != "nlu":
@@ -197,7 +197,7 @@ class _Setup:
 
 
 def _cells(setup: _Setup) -> list[dict[str, Any]]:
-    from ..compare import build_cells
+    from balora.experiments.compare import build_cells
 
     rows = []
     for cell in build_cells(setup.compare):
@@ -350,7 +350,7 @@ def render(setup: _Setup, out: dict[str, Any]) -> str:
 def run(spec_path: str | Path, *, only_report: bool = False, show_progress: bool = True,
         say: Say = say_print) -> dict[str, Any]:
     """Train every cell with snapshots (resumable through compare), then write the report."""
-    from ..compare import run_compare
+    from balora.experiments.compare import run_compare
 
     spec = load_lab_spec(spec_path, "spectrum", KEYS, required=("compare", "snapshot_steps"))
     setup = _Setup(spec)

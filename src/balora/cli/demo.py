@@ -25,9 +25,9 @@ def _row(name: str, metrics: dict[str, Any], seconds: float | None) -> str:
 
 
 def run_demo(output_dir: Path, steps: int = 100, methods: list[str] | None = None) -> dict[str, Any]:
-    from . import assets
-    from .run import train_run
-    from .run_config import load_run_config
+    from balora import assets
+    from balora.training.run import train_run
+    from balora.training.run_config import load_run_config
 
     methods = methods or ["ba-lora", "pissa"]
     started = time.perf_counter()

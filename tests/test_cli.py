@@ -179,3 +179,31 @@ def test_malformed_data_line_is_reported_by_the_command(tiny_nlu_run, capsys):
     data.write_text("\n".join(lines) + "\n")
     assert main(["train", str(config), "--no-progress"]) == 2
     assert "data.jsonl:7: invalid JSON" in capsys.readouterr().err
+
+
+def test_run_config_sections_are_the_library_dataclasses():
+    from balora import AdapterConfig, BALoraConfig
+
+    cfg = run_config_from_dict({"method": "pissa", "model": {"task": "nlu"}, "adapter": {"r": 4},
+                                "training": {"seed": 7}})
+    assert isinstance(cfg.adapter, AdapterConfig) and isinstance(cfg.balora, BALoraConfig)
+    assert cfg.method == cfg.adapter.method == "pissa" and cfg.adapter.alpha == 4.0
+    assert cfg.balora.task == "nlu" and cfg.balora.lambdas == (0.15, 0.03, 0.03)  # the task's defaults
+    assert cfg.balora_config() is None  # pissa trains with the task loss alone
+    # the seed is resolved in one place: the adapter's random parts follow training.seed unless set
+    assert cfg.seed == 7 and cfg.init_seed == 7 and cfg.adapter_config().init_seed == 7
+    assert run_config_from_dict({"adapter": {"init_seed": 3}}).init_seed == 3
+    assert run_config_from_dict({}).seed == 42
+    # config.yaml's layout: method on top, no adapter.method or balora.task; it reads back equal
+    data = cfg.to_dict()
+    assert data["method"] == "pissa" and "method" not in data["adapter"] and "task" not in data["balora"]
+    assert run_config_from_dict(data) == cfg
+
+
+def test_a_mismatched_balora_task_is_refused():
+    from balora import BALoraConfig
+    from balora.core.config import ConfigError
+    from balora.training.run_config import ModelConfig, RunConfig
+
+    with pytest.raises(ConfigError, match="balora.task is 'nlg' but model.task is 'nlu'"):
+        RunConfig(model=ModelConfig(task="nlu"), balora=BALoraConfig(task="nlg"))

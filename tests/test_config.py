@@ -78,3 +78,30 @@ def test_iclr2026_schedule():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         BALoraConfig.preset("fast")
+
+
+def test_every_option_is_documented_where_it_is_declared():
+    import dataclasses
+
+    for cls in (BALoraConfig, AdapterConfig):
+        undocumented = [f.name for f in dataclasses.fields(cls) if len(f.metadata.get("help", "")) < 10]
+        assert not undocumented, f"{cls.__name__}: fields without help: {undocumented}"
+
+
+def test_public_api_has_docstrings():
+    import balora
+
+    missing = [name for name in balora.__all__ if not (getattr(balora, name).__doc__ or "").strip()]
+    assert not missing, missing
+
+
+def test_lambdas_are_named_as_their_options():
+    cfg = BALoraConfig(lambda_consistency=0.5)
+    assert cfg.lambdas.consistency == cfg.lambda_consistency == 0.5
+    assert cfg.lambdas_at(3, 10)._asdict() == {"consistency": 0.5, "diversity": 0.005, "svd": 0.005}
+
+
+def test_errors_carry_the_option_so_callers_can_relabel_them():
+    with pytest.raises(ConfigError) as info:
+        AdapterConfig(r=0)
+    assert info.value.option == "r" and str(info.value.located("adapter.r")) == "adapter.r: must be an integer >= 1, got 0"

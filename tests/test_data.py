@@ -367,7 +367,7 @@ def test_asdiv_like_duplicates_never_straddle(tmp_path):
             rows.append({"passage": f"tom  has {i} apples", "question": "how many apples ?",
                          "answer": f"{i} apples"})
     path = write_jsonl(tmp_path / "asdiv.jsonl", rows)
-    key = D._asdiv_key
+    key = D.asdiv_key
     for seed in range(5):
         grouped = split_records(rows, seed=seed, test_fraction=0.3, group_key=key)
         assert not {key(r) for r in grouped["train"]} & {key(r) for r in grouped["test"]}
@@ -377,6 +377,36 @@ def test_asdiv_like_duplicates_never_straddle(tmp_path):
     sft = D.asdiv_instruction_records(parts["test"])
     assert sft[0]["response"] == f"The answer is: {parts['test'][0]['answer']}"
     assert sft[0]["query"] == f"{parts['test'][0]['passage']} {parts['test'][0]['question']}"
+
+
+def test_dataset_registry_lists_every_dataset_and_refuses_unknown_names():
+    assert {"asdiv", "boolq", "rotten-tomatoes"} <= set(D.DATASET_SPLITS)
+    with pytest.raises(DataError) as e:
+        D.dataset_splits("foo", seed=1)
+    assert str(e.value).startswith("unknown dataset 'foo'; known: ")
+    assert all(name in str(e.value) for name in D.DATASET_SPLITS)
+    with pytest.raises(ValueError, match="already registered"):
+        D.register_splits("asdiv")(lambda seed=D.SPLIT_SEED: {})
+
+
+def test_dataset_registry_asdiv_gives_instruction_records(tmp_path):
+    rows = [{"passage": f"Tom has {i} apples.", "question": "How many?", "answer": f"{i} apples"}
+            for i in range(30)]
+    path = write_jsonl(tmp_path / "asdiv.jsonl", rows)
+    parts = D.dataset_splits("asdiv", seed=3, test_size=10, source=str(path))
+    raw = D.asdiv_splits(seed=3, test_size=10, source=str(path))
+    assert parts == {k: D.asdiv_instruction_records(v) if v else v for k, v in raw.items()}
+    assert [len(parts[k]) for k in ("train", "validation", "test")] == [20, 0, 10]
+
+
+def test_run_config_checks_data_splits_against_the_registry():
+    from balora.core.config import ConfigError
+    from balora.training.run_config import run_config_from_dict
+
+    assert run_config_from_dict({"data": {"splits": "boolq"}}).data.splits == "boolq"
+    known = ", ".join(["auto", *sorted(D.DATASET_SPLITS)])
+    with pytest.raises(ConfigError, match=f"^data.splits: 'foo' is not a known dataset; known: {known}$"):
+        run_config_from_dict({"data": {"splits": "foo"}})
 
 
 # ---------------------------------------------------------------- real assets
@@ -417,10 +447,10 @@ def test_asdiv_splits_are_disjoint():
     _need("asdiv")
     raw = load_records("asset:asdiv")
     assert len(raw) == 2305
-    assert D.dedupe_records(raw, D._asdiv_key)[1] == 1  # one repeated problem in the asset
+    assert D.dedupe_records(raw, D.asdiv_key)[1] == 1  # one repeated problem in the asset
     parts = D.asdiv_splits()
     assert [len(parts[k]) for k in ("train", "validation", "test")] == [1804, 0, 500]
-    keys = [{D._asdiv_key(r) for r in parts[k]} for k in ("train", "test")]
+    keys = [{D.asdiv_key(r) for r in parts[k]} for k in ("train", "test")]
     assert not keys[0] & keys[1]
     assert parts == D.asdiv_splits()
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 from pathlib import Path
 
 import pytest
-
-from balora.cli.eval import add_eval_parser
-from balora.evaluation.harness import TASKS, EvalError, asdiv_match, evaluate
 from conftest import make_tiny_llama, make_word_tokenizer
+
+from balora.cli import main
+from balora.evaluation.harness import TASKS, EvalError, asdiv_match, evaluate
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -127,10 +126,7 @@ def test_unknown_task_and_missing_math_file_fail_before_loading(tmp_path):
 # ---------------------------------------------------------------- balora eval
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="balora")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_cli_runs_tasks(tiny_dir, data, tmp_path, capsys):

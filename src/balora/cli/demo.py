@@ -3,19 +3,16 @@ seed, same steps, same data), then their test accuracy side by side with the unt
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from importlib import resources
+from balora.training.run_config import preset_path
 
 PRESET = "nlu-rotten-tomatoes-minilm.yaml"
-
-
-def preset_path(name: str) -> Path:
-    """A preset shipped with the package (the repository's configs/ points at the same files)."""
-    return Path(str(resources.files("balora") / "configs" / name))
+DEFAULT_STEPS = 100
 
 
 def _row(name: str, metrics: dict[str, Any], seconds: float | None) -> str:
@@ -25,6 +22,7 @@ def _row(name: str, metrics: dict[str, Any], seconds: float | None) -> str:
 
 
 def run_demo(output_dir: Path, steps: int = 100, methods: list[str] | None = None) -> dict[str, Any]:
+    # imported here so that `balora --help` does not load what this command does not need
     from balora import assets
     from balora.training.run import train_run
     from balora.training.run_config import load_run_config
@@ -62,3 +60,19 @@ def run_demo(output_dir: Path, steps: int = 100, methods: list[str] | None = Non
         {m: {"test": r["test"], "train_seconds": r["train_seconds"]} for m, r in results.items()}
         | {"untuned": untuned}, indent=2))
     return results
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(Path(args.output_dir), steps=args.steps, methods=args.methods.split(","))
+    return 0
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add ``demo`` to the `balora` command's subparsers."""
+    p = subparsers.add_parser("demo", parents=parents,
+                              help="the embedded default: MiniLM-L6 on Rotten Tomatoes, BA-LoRA vs PiSSA")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--methods", default="ba-lora,pissa")
+    p.set_defaults(func=_cmd_demo)
+    return p

@@ -3,7 +3,6 @@
     balora eval MODEL_OR_RUN --tasks gsm8k,asdiv,humaneval,forgetting,crows_pairs [--limit N]
     balora eval humaneval --samples samples.jsonl [--k 1,10]
 
-Wire it into the ``balora`` command with ``add_eval_parser(subparsers)``.
 """
 
 from __future__ import annotations
@@ -14,20 +13,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_eval_parser"]
+from balora.evaluation.tasks import TASKS
+
+__all__ = ["add_parser"]
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
 def _data_pairs(pairs: list[str]) -> dict[str, str]:
+    # torch, transformers and PEFT load here, when the command runs, not for `balora --help`
     from balora.evaluation.harness import EvalError
 
     out = {}
@@ -46,6 +48,7 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 def _score_samples(args: argparse.Namespace) -> int:
+    # torch, transformers and PEFT load here, when the command runs, not for `balora --help`
     from balora.assets import main_file
     from balora.evaluation.code import evaluate_samples, load_humaneval, read_samples
 
@@ -73,13 +76,10 @@ def _score_samples(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    # imported here so that `balora --help` does not load what this command does not need
     from balora.assets import AssetError, AssetMissingError
     from balora.evaluation.harness import EvalError, evaluate
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         if args.samples:
             if args.model != "humaneval":
@@ -115,12 +115,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command to a ``balora`` sub-parser set; returns its parser."""
-    from balora.evaluation.harness import TASKS
-
     p = subparsers.add_parser(
-        "eval", help="benchmark a model or run directory (math, code, forgetting, bias)",
+        "eval", parents=parents, help="benchmark a model or run directory (math, code, forgetting, bias)",
         description="Run benchmark tasks on MODEL_OR_RUN (a run directory, model directory, hub id "
                     "or asset:NAME), or score an existing HumanEval samples file with "
                     "`balora eval humaneval --samples FILE`.")
@@ -143,8 +141,6 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="use this file for a task instead of its default data")
     p.add_argument("--base", help="base model for the forgetting delta when MODEL is not a run")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (on a busy machine 1 can be several times faster)")
     p.add_argument("--samples", help="with MODEL 'humaneval': score this samples JSONL, no model")
     p.add_argument("--problems", help="HumanEval problems file for --samples (default: the asset)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per program (--samples)")

@@ -1,10 +1,10 @@
 """What a trained BA-LoRA / PiSSA model is saved as, and how each artefact is loaded again.
 
-| artefact          | load it on                           | how                                            |
-|-------------------|--------------------------------------|------------------------------------------------|
-| ``adapter/``      | the untouched pre-trained model      | `load_trained` (PEFT re-runs the PiSSA SVD on load, turning W into W_res, then loads A, B) |
-| ``lora_converted/``| the untouched pre-trained model     | plain ``PeftModel.from_pretrained``: rank 2r LoRA, ΔW = BA − B0A0, no SVD, mixes with other LoRAs |
-| ``merged/``       | nothing (a full model)               | ``AutoModel*.from_pretrained``                 |
+* ``adapter/``, on the untouched pre-trained model: `load_trained` (PEFT re-runs the PiSSA SVD on
+  load, turning W into W_res, then loads A, B).
+* ``lora_converted/``, on the untouched pre-trained model: plain ``PeftModel.from_pretrained``; a rank 2r
+  LoRA, ΔW = BA − B0A0, no SVD, mixes with other LoRAs.
+* ``merged/``, a full model: ``AutoModel*.from_pretrained``.
 
 The PiSSA ``adapter/`` must never be loaded onto a model that is already the residual, and the
 ``lora_converted/`` one never onto the residual either: both expect the untouched W.
@@ -44,7 +44,8 @@ def save_adapter(peft_model: PeftModel, directory: str | Path, metadata: dict[st
     return directory
 
 
-def save_initial_adapter(peft_model: PeftModel, directory: str | Path, snapshot: ReferenceSnapshot | None = None) -> Path:
+def save_initial_adapter(peft_model: PeftModel, directory: str | Path,
+                         snapshot: ReferenceSnapshot | None = None) -> Path:
     """The adapter as it was at step 0 (from the reference snapshot), configured as a plain LoRA
     (``init_lora_weights=True``) as PEFT's PiSSA → LoRA conversion requires."""
     snapshot = snapshot or ReferenceSnapshot.for_peft_model(peft_model)
@@ -60,7 +61,8 @@ def save_initial_adapter(peft_model: PeftModel, directory: str | Path, snapshot:
     return Path(directory)
 
 
-def save_converted_lora(peft_model: PeftModel, directory: str | Path, snapshot: ReferenceSnapshot | None = None) -> Path:
+def save_converted_lora(peft_model: PeftModel, directory: str | Path,
+                        snapshot: ReferenceSnapshot | None = None) -> Path:
     """A plain LoRA adapter that reproduces the trained model on the *untouched* base model.
 
     For PiSSA adapters this is PEFT's conversion (rank 2r: [A; A0], [B, −B0]); other methods are

@@ -1,4 +1,4 @@
-"""NLG task loss and BA-LoRA's three regularisers from final hidden states (spec §3), without ever
+"""NLG task loss and BA-LoRA's three regularisers from final hidden states (docs/method.md §3), without ever
 keeping a (valid tokens × vocabulary) logits tensor for backward.
 
 `nlg_terms_from_hidden` returns the same `MicroBatchTerms` as `losses.nlg_terms` on full logits

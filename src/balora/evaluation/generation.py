@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
+
+from balora.assets import resolve
+from balora.core.export import METADATA_FILE, load_trained
+from balora.training.data import ALPACA_PROMPT
+from balora.training.run import load_base_model, load_tokenizer
+from balora.training.run_config import load_run_config
 
 __all__ = [
     "ALPACA_STOP", "HUMANEVAL_STOP", "EvalModel", "GenerationResult", "GenerationSettings",
@@ -147,8 +155,6 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str],
     Sampling is seeded per batch (``seed + batch index``) without touching the global RNG, so a
     rerun with the same prompts, settings and batch size gives the same samples.
     """
-    from transformers import GenerationConfig, StoppingCriteriaList
-
     s = settings or GenerationSettings()
     eos = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -209,8 +215,6 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str],
 def format_prompt(query: str, style: str = "alpaca", tokenizer: Any = None) -> str:
     """A math/instruction prompt: ``alpaca`` (the NLG training format of ``balora.training.data``),
     ``chat`` (the tokenizer's chat template, one user turn) or ``plain`` (the query alone)."""
-    from balora.training.data import ALPACA_PROMPT
-
     if style == "alpaca":
         return ALPACA_PROMPT.format(query=query)
     if style == "chat":
@@ -235,7 +239,7 @@ class EvalModel:
     spec: str
     kind: str  # "run" | "adapter" | "model"
     base_spec: str | None = None
-    load_base: Callable[[], "EvalModel"] | None = field(default=None, repr=False)
+    load_base: Callable[[], EvalModel] | None = field(default=None, repr=False)
 
 
 def _default_device() -> torch.device:
@@ -251,10 +255,6 @@ def _finish_tokenizer(tokenizer: Any) -> Any:
 
 
 def _load_plain(spec: str, dtype: str, device: torch.device) -> EvalModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from balora.assets import resolve
-
     path = resolve(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -266,10 +266,6 @@ def _load_plain(spec: str, dtype: str, device: torch.device) -> EvalModel:
 
 
 def _load_run(run: Path, device: torch.device) -> EvalModel:
-    from balora.core.export import load_trained
-    from balora.training.run import load_base_model, load_tokenizer
-    from balora.training.run_config import load_run_config
-
     cfg = load_run_config(run / "config.yaml")
     if cfg.model.task != "nlg":
         raise ValueError(f"{run}: a {cfg.model.task} (classification) run; these evaluations "
@@ -285,10 +281,6 @@ def _load_run(run: Path, device: torch.device) -> EvalModel:
 
 
 def _load_adapter(adapter: Path, dtype: str, device: torch.device) -> EvalModel:
-    from balora.core.export import load_trained
-
-    from balora.core.export import METADATA_FILE
-
     # balora's own metadata keeps the spec as configured (asset:NAME); PEFT's field holds the
     # path the base was loaded from, which may be machine-specific.
     meta = adapter / METADATA_FILE
@@ -302,8 +294,6 @@ def _load_adapter(adapter: Path, dtype: str, device: torch.device) -> EvalModel:
     model = load_trained(base.model, adapter).to(device).eval()
     tokenizer = base.tokenizer
     if (adapter / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(adapter))
     return EvalModel(model, tokenizer, str(adapter), "adapter", base_spec,
                      lambda: _load_plain(base_spec, dtype, device))

@@ -38,28 +38,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from balora.evaluation.generation import (
-    ALPACA_STOP, HUMANEVAL_STOP, EvalModel, GenerationSettings, format_prompt, generate,
+    ALPACA_STOP,
+    HUMANEVAL_STOP,
+    EvalModel,
+    GenerationSettings,
+    format_prompt,
+    generate,
     load_for_eval,
 )
+from balora.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS, GENERATIVE, TASKS
+from balora.utils import write_json, write_jsonl
 
 __all__ = ["TASKS", "EvalError", "EvalOptions", "asdiv_match", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("gsm8k", "asdiv", "math", "humaneval", "forgetting", "crows_pairs", "stereoset", "bbq")
-GENERATIVE = {"gsm8k", "asdiv", "math", "humaneval"}
-DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "asdiv": 256, "math": 256, "humaneval": 384}
 
 
 class EvalError(ValueError):
@@ -387,24 +391,6 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become null: eval.json stays strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _device_info(ev: EvalModel) -> dict[str, Any]:
     import torch
 
@@ -483,11 +469,11 @@ def evaluate(model_spec: str | EvalModel, tasks: Sequence[str], *, limit: int | 
             {k: v for k, v in result.metrics.items() if not isinstance(v, (dict, list))},
             default=str))
         if out is not None:
-            _write_jsonl(out / "records" / f"{task}.jsonl", result.records)
+            write_jsonl(out / "records" / f"{task}.jsonl", result.records)
             for name, rows in result.extra_files.items():
-                _write_jsonl(out / f"{name}.jsonl", rows)
-            (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2, default=str))
+                write_jsonl(out / f"{name}.jsonl", rows)
+            write_json(out / "eval.json", report)  # NaN/inf become null: eval.json stays strict JSON
     report["wall_seconds"] = round(time.perf_counter() - started, 3)
     if out is not None:
-        (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2, default=str))
+        write_json(out / "eval.json", report)
     return report

@@ -34,7 +34,6 @@ Scoring choices, per benchmark:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -44,6 +43,8 @@ from typing import Any, Callable, Iterable, Sequence
 Progress = Callable[[int, int], None]  # (texts scored, texts)
 
 import torch
+
+from balora.utils import read_jsonl
 
 __all__ = [
     "bbq_scores", "continuation_logprobs", "corpus_cross_entropy", "crows_pairs_score",
@@ -149,19 +150,6 @@ def corpus_cross_entropy(model: Any, tokenizer: Any, texts: Sequence[str], *,
 
 # ---------------------------------------------------------------- data
 
-def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-    return rows
-
-
 def _require(rows: list[dict[str, Any]], fields: Iterable[str], path: str | Path) -> None:
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
@@ -178,7 +166,7 @@ def _default(asset: str, path: str | Path | None) -> Path:
 def load_xsum_texts(path: str | Path | None = None, limit: int | None = 200) -> list[str]:
     """The first ``limit`` XSum documents (default: the ``xsum`` asset)."""
     file = _default("xsum", path)
-    rows = _read_jsonl(file)
+    rows = read_jsonl(file)
     _require(rows, ["document"], file)
     return [r["document"] for r in rows[:limit]]
 
@@ -186,7 +174,7 @@ def load_xsum_texts(path: str | Path | None = None, limit: int | None = 200) -> 
 def load_crows_pairs(path: str | Path | None = None) -> list[dict[str, Any]]:
     """CrowS-Pairs rows {id, bias_type, sentence with [MASK], mask1 (stereotyped), mask2}."""
     file = _default("crows-pairs", path)
-    rows = _read_jsonl(file)
+    rows = read_jsonl(file)
     _require(rows, ["bias_type", "sentence", "mask1", "mask2"], file)
     return rows
 
@@ -194,7 +182,7 @@ def load_crows_pairs(path: str | Path | None = None) -> list[dict[str, Any]]:
 def load_stereoset(path: str | Path | None = None) -> list[dict[str, Any]]:
     """StereoSet rows {type, target, bias_type, context, stereotype, anti-stereotype, unrelated}."""
     file = _default("stereoset", path)
-    rows = _read_jsonl(file)
+    rows = read_jsonl(file)
     _require(rows, ["type", "target", "bias_type", "context", "stereotype", "anti-stereotype",
                     "unrelated"], file)
     return rows
@@ -203,7 +191,7 @@ def load_stereoset(path: str | Path | None = None) -> list[dict[str, Any]]:
 def load_bbq(path: str | Path | None = None) -> list[dict[str, Any]]:
     """BBQ rows {passage, question, options ('A. ...\\nB. ...'), answer: [option text]}."""
     file = _default("bbq", path)
-    rows = _read_jsonl(file)
+    rows = read_jsonl(file)
     _require(rows, ["passage", "question", "options", "answer"], file)
     return rows
 

@@ -457,12 +457,12 @@ def score_math(records: Iterable[Mapping[str, Any]], *, symbolic: bool = False,
 
 
 def default_gsm8k_path() -> Path:
-    """``$BALORA_GSM8K`` if set, else ``<repo>/../shared/data/gsm8k_test.jsonl``."""
+    """``$BALORA_GSM8K`` if set, else the GSM8K test set shipped with balora (1,319 problems, MIT
+    licence, ``balora/evaluation/data/gsm8k_test.jsonl.gz``)."""
     env = os.environ.get("BALORA_GSM8K")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[3]  # src/balora/evaluation/<this file>
-    return repo.parent / "shared" / "data" / "gsm8k_test.jsonl"
+    return Path(__file__).resolve().parent / "data" / "gsm8k_test.jsonl.gz"
 
 
 def load_gsm8k(path: str | os.PathLike | None = None, limit: int | None = None

@@ -14,14 +14,11 @@ The run directory holds::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import resource
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,25 +26,10 @@ import torch
 
 from balora.training import data as D
 from balora.assets import resolve
-from balora.training.run_config import RunConfig, dump_run_config
+from balora.training.run_config import TRAINING_DEFAULTS, RunConfig, dump_run_config  # noqa: F401 (re-exported)
+from balora.utils import peak_rss_mb, versions, write_json
 
 logger = logging.getLogger(__name__)
-
-# Defaults of ours where transformers' do not suit short CPU runs; any may be overridden in `training`.
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 64,
-    "learning_rate": 2e-4,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 100,
-    "save_total_limit": 2,
-    "report_to": [],
-    "seed": 42,
-    "ddp_find_unused_parameters": False,
-}
 
 
 @dataclass
@@ -60,36 +42,16 @@ class PreparedData:
     stats: dict[str, Any]
 
 
-def versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import transformers
-
-    from balora import __version__
-
-    return {"balora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---------------------------------------------------------------------------- data
 def raw_splits(cfg: RunConfig, info: dict[str, Any] | None = None) -> dict[str, list[dict]]:
     """The configured splits after limits and class (im)balancing; ``info`` receives what the
     balancing did."""
     d = cfg.data
-    if d.splits == "rotten-tomatoes":
-        parts = D.rotten_tomatoes_splits(seed=d.split_seed)
-    elif d.splits == "boolq":
-        parts = D.boolq_splits(seed=d.split_seed)
-    elif d.splits == "asdiv":
-        parts = {k: D.asdiv_instruction_records(v) if v else v for k, v in D.asdiv_splits(seed=d.split_seed).items()}
-    else:
+    if d.splits == "auto":
         parts = D.load_splits(d.source, seed=d.split_seed, validation_fraction=d.validation_fraction,
                               test_fraction=d.test_fraction)
+    else:  # a registered dataset (D.DATASET_SPLITS) with splits of its own
+        parts = D.dataset_splits(d.splits, seed=d.split_seed)
     if d.train_limit is not None:
         parts["train"] = parts["train"][: d.train_limit]
     if d.test_limit is not None:
@@ -177,7 +139,7 @@ def load_base_model(cfg: RunConfig, label_map: dict[str, int] | None = None) -> 
         if cfg.model.task == "nlu":
             num_labels = len(label_map) if label_map else 1
             id2label = {i: str(lab) for lab, i in (label_map or {}).items()} or None
-            set_seed(int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"])))  # the head's initialisation
+            set_seed(cfg.seed)  # the head's initialisation
             return AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, id2label=id2label,
                 label2id={v: k for k, v in id2label.items()} if id2label else None, **kwargs)
@@ -245,14 +207,12 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
     if data.label_map is not None:
-        (out / "label_map.json").write_text(json.dumps(data.label_map, indent=2))
+        write_json(out / "label_map.json", data.label_map)
     model = load_base_model(cfg, data.label_map)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    training = {**TRAINING_DEFAULTS, **cfg.training}
+    training = cfg.training_arguments()
     adapter = cfg.adapter_config()
-    if adapter.init_seed is None:  # a seed sweep should vary the adapter's initialisation too
-        adapter = replace(adapter, init_seed=int(training["seed"]))
     peft_model = build_peft_model(model, adapter, cfg.model.task)
     trainable, total = trainable_parameter_count(peft_model)
 
@@ -285,10 +245,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     save_converted_lora(peft_model, out / "lora_converted")
     if cfg.save_merged:
         save_merged(peft_model, out / "merged", tokenizer)
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    write_json(out / "log_history.json", trainer.state.log_history)
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["peak_rss_mb"] = peak_rss_mb()
     metrics["versions"] = versions()
     metrics["command"] = " ".join(sys.argv)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    write_json(out / "metrics.json", metrics)
     return metrics

@@ -3,8 +3,8 @@
 
     method: ba-lora            # lora | pissa | ba-lora | lora-reg | dora | rslora
     model:   {name: asset:minilm, task: nlu}
-    adapter: {r: 8, ...}       # AdapterConfig without `method`
-    balora:  {...}             # BALoraConfig without `task` (taken from model.task)
+    adapter: {r: 8, ...}       # AdapterConfig without `method` (the top-level key)
+    balora:  {...}             # BALoraConfig without `task` (model.task)
     data:    {...}             # DataConfig
     training: {...}            # any transformers.TrainingArguments field
     eval:    {...}             # EvalConfig
@@ -17,14 +17,32 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from balora.core.config import AdapterConfig, BALoraConfig, ConfigError
+from balora.utils import set_path, write_yaml
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+# Defaults of ours where transformers' do not suit short CPU runs; any may be overridden in `training`.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "report_to": [],
+    "seed": 42,
+    "ddp_find_unused_parameters": False,
+}
 
 
 @dataclass
@@ -41,7 +59,7 @@ class DataConfig:
     """Where the examples come from and how they become tensors (see `balora.training.data`)."""
 
     source: str = "asset:rotten-tomatoes"  # file, directory, asset:NAME or hub id
-    splits: Literal["auto", "rotten-tomatoes", "boolq", "asdiv"] = "auto"
+    splits: str = "auto"  # "auto" (from source) or a dataset of balora.training.data.DATASET_SPLITS
     split_seed: int = 1234
     test_fraction: float = 0.1
     validation_fraction: float = 0.0
@@ -78,27 +96,62 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": E
 
 @dataclass
 class RunConfig:
-    method: str = "ba-lora"
+    """A `balora train` run. Its sections are the library's own dataclasses, built and checked once
+    (`run_config_from_dict`); the YAML's top-level ``method`` is ``adapter.method`` and ``model.task``
+    is ``balora.task``, so each concept has one value."""
+
     output_dir: str = "runs/default"
     save_merged: bool = False  # also write merged/ (the full fine-tuned model)
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: dict[str, Any] = field(default_factory=dict)
-    balora: dict[str, Any] = field(default_factory=dict)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    balora: BALoraConfig | None = None  # None: the paper's defaults for model.task
     data: DataConfig = field(default_factory=DataConfig)
-    training: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments options
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.balora is None:
+            self.balora = BALoraConfig(task=self.model.task)
+        elif self.balora.task != self.model.task:
+            raise ConfigError(f"balora.task is {self.balora.task!r} but model.task is {self.model.task!r}; "
+                              "build BALoraConfig(task=model.task)")
+
+    @property
+    def method(self) -> str:
+        """The adapter method (the YAML's top-level ``method``)."""
+        return self.adapter.method
+
+    @property
+    def seed(self) -> int:
+        """The training seed: ``training.seed``, else balora's default (42)."""
+        return int(self.training.get("seed", TRAINING_DEFAULTS["seed"]))
+
+    @property
+    def init_seed(self) -> int:
+        """The adapter's initialisation seed: ``adapter.init_seed``, else the training seed, so that a
+        seed sweep varies the adapter's random parts too."""
+        return self.seed if self.adapter.init_seed is None else self.adapter.init_seed
+
+    def training_arguments(self) -> dict[str, Any]:
+        """balora's training defaults updated with the configured ``training`` options."""
+        return {**TRAINING_DEFAULTS, **self.training}
+
     def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(method=self.method, **self.adapter)  # type: ignore[arg-type]
+        """The adapter to build, its initialisation seed resolved (see `init_seed`)."""
+        return dataclasses.replace(self.adapter, init_seed=self.init_seed)
 
     def balora_config(self) -> BALoraConfig | None:
         """The regularisers for ba-lora and lora-reg; ``None`` (task loss alone) for the baselines."""
-        if not self.adapter_config().regularised:
-            return None
-        return BALoraConfig(task=self.model.task, **self.balora)
+        return self.balora if self.adapter.regularised else None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The YAML layout: ``method`` on top, ``adapter`` without it, ``balora`` without ``task``."""
+        adapter = dataclasses.asdict(self.adapter)
+        balora = dataclasses.asdict(self.balora)  # type: ignore[arg-type]
+        return {"method": adapter.pop("method"), "output_dir": self.output_dir, "save_merged": self.save_merged,
+                "model": dataclasses.asdict(self.model), "adapter": adapter,
+                "balora": {k: v for k, v in balora.items() if k != "task"}, "data": dataclasses.asdict(self.data),
+                "training": dict(self.training), "eval": dataclasses.asdict(self.eval)}
 
 
 # ---------------------------------------------------------------------------- checking
@@ -163,45 +216,61 @@ def _check_training(data: dict[str, Any]) -> None:
             )
 
 
+TOP_LEVEL = ("method", "output_dir", "save_merged", "model", "adapter", "balora", "data", "training", "eval")
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of options, got {type(value).__name__}")
+    return dict(value or {})
+
+
+def _build_checked(cls: type, options: dict[str, Any], section: str, top_level: dict[str, str]) -> Any:
+    """Build `AdapterConfig` / `BALoraConfig`, whose own checks name ``Class.option``; the error is
+    re-labelled with the option's YAML path (``top_level`` maps fields set elsewhere in the YAML)."""
+    try:
+        return cls(**options)
+    except ConfigError as error:
+        option = error.option or ""
+        raise error.located(top_level.get(option, f"{section}.{option}")) from None
+
+
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and check a `RunConfig`; errors name the option's path (e.g. ``balora.lambda_svd``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"the run configuration must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(RunConfig)}
     for key in data:
-        if key not in known:
-            raise ConfigError(f"{key}: unknown section; known: {', '.join(sorted(known))}")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in SECTIONS:
-            kwargs[key] = _build_dataclass(SECTIONS[key], value or {}, key)
-        elif key in ("adapter", "balora", "training"):
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of options, got {type(value).__name__}")
-            kwargs[key] = dict(value or {})
-        else:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"{key}: unknown section; known: {', '.join(sorted(TOP_LEVEL))}")
+    for key in ("output_dir", "save_merged"):
+        if key in data:
             annotation = typing.get_type_hints(RunConfig)[key]
-            if not _type_ok(value, annotation):
-                raise ConfigError(f"{key}: expected {_describe(annotation)}, got {value!r}")
-            kwargs[key] = value
-    cfg = RunConfig(**kwargs)
-    _check_fields(AdapterConfig, cfg.adapter, "adapter", exclude=("method",))
-    _check_fields(BALoraConfig, cfg.balora, "balora", exclude=("task",))
-    _check_training(cfg.training)
+            if not _type_ok(data[key], annotation):
+                raise ConfigError(f"{key}: expected {_describe(annotation)}, got {data[key]!r}")
+    sections = {key: _build_dataclass(cls, data.get(key) or {}, key) for key, cls in SECTIONS.items()}
+    adapter, balora, training = _section(data, "adapter"), _section(data, "balora"), _section(data, "training")
+    _check_fields(AdapterConfig, adapter, "adapter", exclude=("method",))
+    _check_fields(BALoraConfig, balora, "balora", exclude=("task",))
+    _check_training(training)
+    cfg = RunConfig(
+        output_dir=data.get("output_dir", RunConfig.output_dir), save_merged=data.get("save_merged", False),
+        adapter=_build_checked(AdapterConfig, {**adapter, "method": data.get("method", "ba-lora")}, "adapter",
+                               {"method": "method"}),
+        balora=_build_checked(BALoraConfig, {**balora, "task": sections["model"].task}, "balora",
+                              {"task": "model.task"}),
+        training=training, **sections)
     _check_data(cfg)
-    try:
-        cfg.adapter_config()
-        BALoraConfig(task=cfg.model.task, **cfg.balora)
-    except ConfigError as error:  # re-label the dataclass name with the YAML path
-        message = str(error).replace("AdapterConfig.method", "method").replace("AdapterConfig.", "adapter.")
-        raise ConfigError(message.replace("BALoraConfig.", "balora.")) from None
     return cfg
 
 
 def _check_data(cfg: RunConfig) -> None:
-    from balora.training.data import parse_ratio
+    from balora.training.data import DATASET_SPLITS, parse_ratio
 
     d = cfg.data
+    if d.splits != "auto" and d.splits not in DATASET_SPLITS:
+        raise ConfigError(f"data.splits: {d.splits!r} is not a known dataset; known: "
+                          f"{', '.join(['auto', *sorted(DATASET_SPLITS)])}")
     class_options = [name for name, on in (("imbalance_ratio", d.imbalance_ratio is not None),
                                            ("minority_label", d.minority_label is not None),
                                            ("balance_test", d.balance_test)) if on]
@@ -228,17 +297,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({error.problem})") from None
-    return key.split("."), _numbers(value)
+    return key.split("."), coerce_numbers(value)
 
 
-def _numbers(value: Any) -> Any:
+def coerce_numbers(value: Any) -> Any:
     """YAML 1.1 (PyYAML) reads "1e-3" as a string; a user who writes it means the number."""
     if isinstance(value, str) and _FLOAT.fullmatch(value):
         return float(value)
     if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
+        return {k: coerce_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_numbers(v) for v in value]
+        return [coerce_numbers(v) for v in value]
     return value
 
 
@@ -247,17 +316,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     result = dict(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = result
-        for depth, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: depth + 1])} is not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[path[-1]] = value
+        try:
+            set_path(result, ".".join(path), value)
+        except ValueError as error:
+            raise ConfigError(f"override {text!r}: {str(error).split(' (')[0]}") from None
     return result
+
+
+def preset_path(name: str) -> Path:
+    """A run configuration shipped with the package (the repository's configs/ points at the same files)."""
+    return Path(str(resources.files("balora") / "configs" / name))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file with "1e-3"-style strings read as numbers; a syntax error names the file and line."""
+    path = Path(path)
+    try:
+        return coerce_numbers(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -265,12 +344,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such configuration file")
-    try:
-        data = _numbers(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    data = read_yaml(path) or {}
     try:
         return run_config_from_dict(apply_overrides(data, overrides or []))
     except ConfigError as error:
@@ -278,4 +352,5 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved configuration (every value used) as YAML, atomically."""
+    write_yaml(path, cfg.to_dict())

@@ -3,7 +3,7 @@
 The loop, the optimiser, accelerate, logging and checkpoints stay the Trainer's. The mixin only
 replaces `compute_loss`: one student forward, one no-grad reference forward (snapshot or teacher),
 the task loss and the three regularisers, weighted by λ (optionally scheduled) and normalised so that
-gradient accumulation does not change the result (spec §5).
+gradient accumulation does not change the result (docs/method.md §5).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ _NON_MODEL_KEYS = ("labels", "completion_mask", "assistant_masks")
 
 
 class BALoraTrainerMixin:
-    _fused_checked = False
-
     """Mix into a `transformers.Trainer` subclass: ``class T(BALoraTrainerMixin, Trainer)``.
 
     Args:
@@ -43,7 +41,14 @@ class BALoraTrainerMixin:
             terms from the final hidden states in chunks of ``loss_chunk_size`` valid positions
             (`balora.core.fused`), never holding (tokens × vocabulary) logits for backward. Exact; falls
             back to full logits, with a logged reason, when the model does not qualify.
+
+    Logged at each logging step (means over the window): ``task_loss``, the raw terms
+    ``balora/consistency``, ``balora/diversity``, ``balora/svd``, the weighted ones
+    ``balora/weighted_<term>`` and the weights ``balora/lambda_<term>`` — named as the
+    `BALoraConfig` fields (``lambda_consistency`` ...).
     """
+
+    _fused_checked = False
 
     def __init__(
         self,
@@ -71,7 +76,8 @@ class BALoraTrainerMixin:
             reference_model.requires_grad_(False)
             reference_model.to(self.args.device)
         elif reference_model is not None:
-            raise ValueError("reference_model was given but BALoraConfig.reference is 'snapshot'; set reference='teacher'")
+            raise ValueError("reference_model was given but BALoraConfig.reference is 'snapshot'; "
+                             "set reference='teacher'")
         elif balora_config.lambda_consistency > 0:
             self._snapshot = ReferenceSnapshot.for_peft_model(self.accelerator.unwrap_model(self.model))
 
@@ -116,7 +122,7 @@ class BALoraTrainerMixin:
     def _combine(
         self, terms: MicroBatchTerms, num_items_in_batch: torch.Tensor | int | None, record: bool = True
     ) -> torch.Tensor:
-        """task + Σ λ_i·w·L_i with the Trainer's gradient-accumulation convention (spec §5).
+        """task + Σ λ_i·w·L_i with the Trainer's gradient-accumulation convention (docs/method.md §5).
 
         When the Trainer passes ``num_items_in_batch`` (the items of the whole accumulation window)
         it does not divide the loss by the accumulation count: the task loss is then summed and
@@ -235,7 +241,7 @@ class BALoraTrainerMixin:
         if nlu_svd_is_degenerate(cfg, logits.shape[-1], self.args.per_device_train_batch_size):
             logger.warning(
                 "BA-LoRA NLU SVD term: k=%d >= min(batch, classes=%d), so the top-k share of the logits is "
-                "always 1 and the term has no gradient (spec §4, as specified). Set "
+                "always 1 and the term has no gradient (docs/method.md §4, as specified). Set "
                 "nlu_svd_target='features' to apply it to the pooled features instead.",
                 cfg.svd_k, logits.shape[-1],
             )
@@ -264,8 +270,9 @@ class BALoraTrainerMixin:
                 if not math.isfinite(value):
                     raise FloatingPointError(self._diverged_message(f"{key} became {value}"))
             if self.balora_config is not None:
-                for i, lam in enumerate(self.balora_config.lambdas_at(self.state.global_step, self.state.max_steps), 1):
-                    logs[f"balora/lambda{i}"] = lam
+                lambdas = self.balora_config.lambdas_at(self.state.global_step, self.state.max_steps)
+                for name, lam in lambdas._asdict().items():
+                    logs[f"balora/lambda_{name}"] = lam
             self._sums.clear()
             self._micro_batches = 0
         super().log(logs, *args, **kwargs)

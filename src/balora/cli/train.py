@@ -1,0 +1,96 @@
+"""``balora train``, ``balora export`` and ``balora info``: a run directory from a YAML configuration,
+its artefacts, and what it holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    # torch, transformers and PEFT load here, when the command runs, not for `balora --help`
+    from balora.training.run import train_run
+    from balora.training.run_config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    metrics = train_run(cfg, resume=args.resume, show_progress=not args.no_progress)
+    print(json.dumps({k: metrics[k] for k in ("method", "global_step", "train_seconds", "test") if k in metrics},
+                     indent=2, default=str))
+    print(f"artefacts: {Path(cfg.output_dir).resolve()}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    # torch, transformers and PEFT load here, when the command runs, not for `balora --help`
+    from balora.core.export import load_trained, save_converted_lora, save_merged
+    from balora.training.run import load_base_model, load_tokenizer
+    from balora.training.run_config import load_run_config
+
+    run = Path(args.run_dir)
+    cfg = load_run_config(run / "config.yaml")
+    label_map = json.loads((run / "label_map.json").read_text()) if (run / "label_map.json").exists() else None
+    model = load_trained(load_base_model(cfg, label_map), run / "adapter")
+    if not (args.merge or args.convert):
+        raise SystemExit("balora export: say what to write: --merge (full model) and/or --convert (plain LoRA)")
+    if args.convert:
+        print(f"converted LoRA: {save_converted_lora(model, Path(args.out or run) / 'lora_converted')}")
+    if args.merge:
+        print(f"merged model: {save_merged(model, Path(args.out or run) / 'merged', load_tokenizer(cfg))}")
+    return 0
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    # imported here so that `balora --help` does not load what this command does not need
+    import yaml
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run}: not a balora run directory (no config.yaml)")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    print(f"run: {run.resolve()}")
+    print(f"  method {cfg['method']}  model {cfg['model']['name']} ({cfg['model']['task']})  "
+          f"data {cfg['data']['source']}")
+    for name, what in [("adapter", "PEFT adapter: balora.load_trained(untouched_base, path)"),
+                       ("lora_converted", "plain LoRA for the untouched base: PeftModel.from_pretrained"),
+                       ("merged", "full fine-tuned model: AutoModel*.from_pretrained"),
+                       ("checkpoints", "Trainer checkpoints: balora train ... --resume"),
+                       ("metrics.json", "metrics"), ("log_history.json", "training log")]:
+        path = run / name
+        if path.exists():
+            print(f"  {name:<17} {_size(path) / 1e6:9.2f} MB  {what}")
+    if (run / "metrics.json").exists():
+        metrics = json.loads((run / "metrics.json").read_text())
+        print(f"  steps {metrics.get('global_step')}  train {metrics.get('train_seconds', 0):.0f} s  "
+              f"peak RSS {metrics.get('peak_rss_mb', 0):.0f} MB")
+        for split in ("untuned", "test"):
+            if split in metrics:
+                shown = {k: v for k, v in metrics[split].items() if isinstance(v, (int, float))}
+                print(f"  {split}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    return 0
+
+
+def add_parsers(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add ``train``, ``export`` and ``info`` to the `balora` command's subparsers."""
+    p = subparsers.add_parser("train", parents=parents, help="fine-tune from a YAML run configuration")
+    p.add_argument("config", help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. method=lora training.max_steps=20")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("export", parents=parents, help="convert a run's adapter to plain LoRA and/or merge it")
+    p.add_argument("run_dir")
+    p.add_argument("--merge", action="store_true", help="write merged/: the full fine-tuned model")
+    p.add_argument("--convert", action="store_true", help="write lora_converted/: LoRA for the untouched base")
+    p.add_argument("--out", help="directory to write into (default: the run directory)")
+    p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser("info", parents=parents, help="what a run directory contains")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_info)

@@ -1,7 +1,7 @@
 """Training-step time and peak memory of LoRA, PiSSA, BA-LoRA (ours) and BA-LoRA "as published",
 plus the no-grad forward, on the same model, data and seed.
 
-    python benchmarks/overhead.py                        # tiny Llama: 4 layers, d 256, vocab 32,000, 4 × 256 tokens, r 16
+    python benchmarks/overhead.py                        # tiny Llama: 4 layers, d 256, vocab 32k, 4 × 256 tokens
     python benchmarks/overhead.py --model asset:smollm2  # SmolLM2-135M (vocab 49,152)
     python benchmarks/overhead.py --device cuda --dtype bf16
 
@@ -24,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -73,7 +73,7 @@ def test_reference_equals_pretrained_bert_with_initial_head(method):
     batch = cls_batch()
     with torch.no_grad():
         # move the student away from its initial state, as training would
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
         ref = reference_forward(model, ReferenceSnapshot.for_peft_model(model), **inputs_of(batch)).logits
@@ -89,7 +89,7 @@ def test_reference_pass_leaves_model_mode_and_parameters_alone():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     snapshot = ReferenceSnapshot.for_peft_model(model)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(1.0)
     reference_forward(model, snapshot, **inputs_of(lm_batch()))
@@ -265,7 +265,7 @@ def test_pissa_niter_rebuilds_the_same_residual(tmp_path):
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb), na
     with torch.no_grad():
-        for n, p in a.named_parameters():
+        for _, p in a.named_parameters():
             if p.requires_grad:
                 p.add_(0.1)
         want = a(**inputs_of(lm_batch())).logits

@@ -14,9 +14,16 @@ import pytest
 import torch
 
 from balora.training import data as D
-from balora.training.data import (ClassificationDataConfig, DataError, InstructionCollator,
-                         InstructionDataConfig, build_classification_dataset,
-                         build_instruction_dataset, load_records, split_records)
+from balora.training.data import (
+    ClassificationDataConfig,
+    DataError,
+    InstructionCollator,
+    InstructionDataConfig,
+    build_classification_dataset,
+    build_instruction_dataset,
+    load_records,
+    split_records,
+)
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
@@ -161,8 +168,7 @@ def test_truncation_cuts_the_response_and_is_counted_and_logged(tok, caplog):
     assert cut["labels"][p_len:] == tok("a b c d", add_special_tokens=False)["input_ids"]
     assert feats[1]["input_ids"][-1] == tok.eos_token_id
     msgs = [r.getMessage() for r in caplog.records]
-    assert "toy.jsonl: 1 of 3 examples truncated to max_length=%d (response end cut)" \
-        % cfg.max_length in msgs
+    assert f"toy.jsonl: 1 of 3 examples truncated to max_length={cfg.max_length} (response end cut)" in msgs
     assert any("1 of 3 examples dropped" in m for m in msgs)
 
 

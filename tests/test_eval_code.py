@@ -19,7 +19,11 @@ from pathlib import Path
 import pytest
 
 from balora.evaluation.code import (
-    build_program, estimate_pass_at_k, evaluate_samples, load_humaneval, load_mbpp,
+    build_program,
+    estimate_pass_at_k,
+    evaluate_samples,
+    load_humaneval,
+    load_mbpp,
     read_samples,
 )
 from balora.evaluation.sandbox import Sandbox, SandboxLimits, _uid_pids

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_word_tokenizer
 
 from balora.evaluation.generation import (
-    GenerationSettings, format_prompt, generate, load_for_eval, truncate_at_stop,
+    GenerationSettings,
+    format_prompt,
+    generate,
+    load_for_eval,
+    truncate_at_stop,
 )
-from conftest import make_tiny_llama, make_word_tokenizer
 
 SHORT = "w5 w6 w7"
 LONGER = ["w10 w11 w12 w13 w14 w15 w16 w17 w18", "w20 w21 w22 w23 w24 w25"]

@@ -6,13 +6,21 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_word_tokenizer
 
 from balora.evaluation.likelihood import (
-    _UNKNOWN, _bbq_options, _intrasentence, bbq_scores, continuation_logprobs,
-    corpus_cross_entropy, crows_pairs_score, load_bbq, load_crows_pairs, load_stereoset,
+    _UNKNOWN,
+    _bbq_options,
+    _intrasentence,
+    bbq_scores,
+    continuation_logprobs,
+    corpus_cross_entropy,
+    crows_pairs_score,
+    load_bbq,
+    load_crows_pairs,
+    load_stereoset,
     stereoset_scores,
 )
-from conftest import make_tiny_llama, make_word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from balora.evaluation.math_answers import (
-    answers_equal, extract_answer, gsm8k_gold, latex_to_sympy_text, load_gsm8k, normalize_number,
+    answers_equal,
+    extract_answer,
+    gsm8k_gold,
+    latex_to_sympy_text,
+    load_gsm8k,
+    normalize_number,
     score_math,
 )
 

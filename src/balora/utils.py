@@ -114,6 +114,7 @@ def set_path(data: dict[str, Any], key: str, value: Any) -> None:
 # ---------------------------------------------------------------------------- provenance
 def versions() -> dict[str, str]:
     """Versions of balora and the libraries that decide its numbers."""
+    # here, not at the top: this module stays light for commands that never touch a model
     import accelerate
     import peft
     import torch

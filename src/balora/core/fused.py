@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from balora.core import regularizers as R
 from balora.core.config import BALoraConfig
@@ -267,8 +268,6 @@ _LOGIT_TRANSFORMS: dict[str, tuple] = {
 def supports_fused(model: torch.nn.Module) -> tuple[bool, str]:
     """Whether the model's logits are a plain frozen linear map of its final hidden states, so that
     `nlg_terms_from_hidden` applies; otherwise (False, the reason to log)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     try:
         head = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):

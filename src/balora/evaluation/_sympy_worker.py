@@ -24,7 +24,10 @@ def main() -> None:
     _cap_memory()
     import sympy
     from sympy.parsing.sympy_parser import (
-        convert_xor, implicit_multiplication_application, parse_expr, standard_transformations,
+        convert_xor,
+        implicit_multiplication_application,
+        parse_expr,
+        standard_transformations,
     )
 
     transformations = standard_transformations + (implicit_multiplication_application, convert_xor)

@@ -48,6 +48,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from balora.assets import main_file
+from balora.evaluation import likelihood
+from balora.evaluation.code import evaluate_samples, load_humaneval
 from balora.evaluation.generation import (
     ALPACA_STOP,
     HUMANEVAL_STOP,
@@ -57,8 +62,17 @@ from balora.evaluation.generation import (
     generate,
     load_for_eval,
 )
+from balora.evaluation.likelihood import corpus_cross_entropy, load_xsum_texts
+from balora.evaluation.math_answers import (
+    answers_equal,
+    default_gsm8k_path,
+    extract_answer,
+    load_gsm8k,
+    normalize_number,
+)
 from balora.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS, GENERATIVE, TASKS
-from balora.utils import write_json, write_jsonl
+from balora.training.data import asdiv_splits, load_records
+from balora.utils import versions, write_json, write_jsonl
 
 __all__ = ["TASKS", "EvalError", "EvalOptions", "asdiv_match", "evaluate"]
 
@@ -147,8 +161,6 @@ def _words(text: str) -> str:
 
 def asdiv_match(completion: str, gold: str) -> tuple[str | None, bool]:
     """(extracted answer, correct) for an ASDiv gold answer (rules in the module doc)."""
-    from balora.evaluation.math_answers import answers_equal, extract_answer, normalize_number
-
     if normalize_number(gold) is not None:
         pred = extract_answer(completion)
         return pred, answers_equal(pred, gold)
@@ -193,8 +205,6 @@ def _run_math(ev: EvalModel, items: list[dict[str, Any]], task: str, opts: EvalO
 
 
 def _numeric_match(symbolic: bool) -> Callable[[str, str], tuple[str | None, bool]]:
-    from balora.evaluation.math_answers import answers_equal, extract_answer
-
     def match(completion: str, gold: str) -> tuple[str | None, bool]:
         pred = extract_answer(completion)
         return pred, answers_equal(pred, gold, symbolic=symbolic)
@@ -202,8 +212,6 @@ def _numeric_match(symbolic: bool) -> Callable[[str, str], tuple[str | None, boo
 
 
 def _load_gsm8k(opts: EvalOptions) -> list[dict[str, Any]]:
-    from balora.evaluation.math_answers import default_gsm8k_path, load_gsm8k
-
     path = opts.data.get("gsm8k")
     if path is None and not default_gsm8k_path().exists():
         raise EvalError(f"GSM8K test file not found at {default_gsm8k_path()}; pass "
@@ -213,8 +221,6 @@ def _load_gsm8k(opts: EvalOptions) -> list[dict[str, Any]]:
 
 
 def _load_asdiv(opts: EvalOptions) -> list[dict[str, Any]]:
-    from balora.training.data import asdiv_splits, load_records
-
     path = opts.data.get("asdiv")
     rows = list(load_records(path)) if path else asdiv_splits()["test"]
     rows = rows[:opts.limit] if opts.limit is not None else rows
@@ -226,8 +232,6 @@ def _load_asdiv(opts: EvalOptions) -> list[dict[str, Any]]:
 
 
 def _load_math(opts: EvalOptions) -> list[dict[str, Any]]:
-    from balora.evaluation.math_answers import extract_answer
-
     path = opts.data.get("math")
     if not path:
         raise EvalError("task 'math' needs a JSONL file: --math-file FILE (fields problem and "
@@ -251,9 +255,6 @@ def _load_math(opts: EvalOptions) -> list[dict[str, Any]]:
 
 
 def _load_humaneval(opts: EvalOptions) -> dict[str, dict[str, Any]]:
-    from balora.assets import main_file
-    from balora.evaluation.code import load_humaneval
-
     problems = load_humaneval(opts.data.get("humaneval") or main_file("humaneval"))
     ids = list(problems)[:opts.limit] if opts.limit is not None else list(problems)
     return {tid: problems[tid] for tid in ids}
@@ -261,8 +262,6 @@ def _load_humaneval(opts: EvalOptions) -> dict[str, dict[str, Any]]:
 
 def _run_humaneval(ev: EvalModel, problems: dict[str, dict[str, Any]], opts: EvalOptions,
                    progress: Progress) -> TaskOutput:
-    from balora.evaluation.code import evaluate_samples
-
     ids = list(problems)
     result = generate(ev.model, ev.tokenizer, [problems[t]["prompt"] for t in ids],
                       opts.generation("humaneval", HUMANEVAL_STOP),
@@ -289,8 +288,6 @@ _BASE_CROSS_ENTROPY: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 def _run_forgetting(ev: EvalModel, texts: list[str], opts: EvalOptions,
                     progress: Progress) -> TaskOutput:
-    from balora.evaluation.likelihood import corpus_cross_entropy
-
     kw = {"max_tokens": opts.forgetting_max_tokens, "batch_size": opts.batch_size}
     after = corpus_cross_entropy(ev.model, ev.tokenizer, texts, **kw,
                                  progress=_every_tenth(progress, "documents"))
@@ -340,8 +337,6 @@ def _every_tenth(progress: Progress, what: str) -> Callable[[int, int], None]:
 def _likelihood_task(scorer_name: str) -> Callable[..., TaskOutput]:
     def run(ev: EvalModel, rows: list[dict[str, Any]], opts: EvalOptions,
             progress: Progress) -> TaskOutput:
-        from balora.evaluation import likelihood
-
         out = getattr(likelihood, scorer_name)(ev.model, ev.tokenizer, rows,
                                                batch_size=opts.batch_size,
                                                progress=_every_tenth(progress, "texts"))
@@ -352,16 +347,12 @@ def _likelihood_task(scorer_name: str) -> Callable[..., TaskOutput]:
 
 def _likelihood_loader(loader_name: str, task: str) -> Callable[[EvalOptions], list]:
     def load(opts: EvalOptions) -> list[dict[str, Any]]:
-        from balora.evaluation import likelihood
-
         rows = getattr(likelihood, loader_name)(opts.data.get(task))
         return rows[:opts.limit] if opts.limit is not None else rows
     return load
 
 
 def _load_xsum(opts: EvalOptions) -> list[str]:
-    from balora.evaluation.likelihood import load_xsum_texts
-
     return load_xsum_texts(opts.data.get("forgetting"), limit=opts.limit or opts.forgetting_docs)
 
 
@@ -392,8 +383,6 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
 
 
 def _device_info(ev: EvalModel) -> dict[str, Any]:
-    import torch
-
     device = next(ev.model.parameters()).device
     info: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -437,8 +426,6 @@ def evaluate(model_spec: str | EvalModel, tasks: Sequence[str], *, limit: int | 
     if out_dir is None and ev.kind == "run":
         out_dir = Path(ev.spec) / "eval"
     out = Path(out_dir) if out_dir is not None else None
-
-    from balora.training.run import versions
 
     report: dict[str, Any] = {"model": ev.spec, "model_kind": ev.kind, "base_model": ev.base_spec,
                               "tasks": {}}

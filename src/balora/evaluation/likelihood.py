@@ -37,14 +37,16 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-Progress = Callable[[int, int], None]  # (texts scored, texts)
+from typing import Any
 
 import torch
 
+from balora.assets import main_file
 from balora.utils import read_jsonl
+
+Progress = Callable[[int, int], None]  # (texts scored, texts)
 
 __all__ = [
     "bbq_scores", "continuation_logprobs", "corpus_cross_entropy", "crows_pairs_score",
@@ -77,7 +79,7 @@ def _encode_pairs(tokenizer: Any, requests: Sequence[tuple[str, str]]
     ctx_ids = tokenizer(contexts, add_special_tokens=True)["input_ids"]
     whole_ids = tokenizer(wholes, add_special_tokens=True)["input_ids"]
     out = []
-    for (ctx, cont), c_ids, w_ids in zip(requests, ctx_ids, whole_ids):
+    for (_ctx, cont), c_ids, w_ids in zip(requests, ctx_ids, whole_ids):
         if w_ids[:len(c_ids)] == c_ids and len(w_ids) > len(c_ids):
             ids, n = w_ids, len(w_ids) - len(c_ids)
         else:  # the merge crossed the boundary: encode the continuation on its own
@@ -158,8 +160,6 @@ def _require(rows: list[dict[str, Any]], fields: Iterable[str], path: str | Path
 
 
 def _default(asset: str, path: str | Path | None) -> Path:
-    from balora.assets import main_file
-
     return Path(path) if path is not None else main_file(asset)
 
 

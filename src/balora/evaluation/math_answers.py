@@ -24,9 +24,10 @@ import select
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 __all__ = [
     "answers_equal",

@@ -55,9 +55,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 __all__ = ["ExecutionResult", "Sandbox", "SandboxLimits", "run_program", "run_programs"]
 

@@ -3,7 +3,8 @@ regression (Pearson, Spearman), on top of scikit-learn and scipy."""
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ def classification_metrics(y_true: Sequence[Hashable], y_pred: Sequence[Hashable
     label with the fewest (but at least one) true examples; ties go to the first in label order.
     ``confusion_matrix[i][j]`` counts true ``labels[i]`` predicted as ``labels[j]``.
     """
+    # scikit-learn and scipy are the [report] extra; generation-only installs do without them
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 
     y_true, y_pred = list(y_true), list(y_pred)
@@ -61,7 +63,7 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]
                        ) -> dict[str, float | int]:
     """Pearson and Spearman correlations (NaN when either side is constant, where they are
     undefined), plus MSE and MAE."""
-    from scipy.stats import pearsonr, spearmanr
+    from scipy.stats import pearsonr, spearmanr  # the [report] extra, as above
 
     t = np.asarray(y_true, dtype=float)
     p = np.asarray(y_pred, dtype=float)

@@ -18,15 +18,29 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback
 
-from balora.training import data as D
 from balora.assets import resolve
-from balora.training.run_config import TRAINING_DEFAULTS, RunConfig, dump_run_config  # noqa: F401 (re-exported)
+from balora.core.adapters import build_peft_model, trainable_parameter_count
+from balora.core.export import save_adapter, save_converted_lora, save_merged
+from balora.training import data as D
+from balora.training.callbacks import BALoraProgressCallback
+from balora.training.metrics import classification_metrics, regression_metrics
+from balora.training.run_config import RunConfig, dump_run_config
+from balora.training.trainer import BALoraTrainer
 from balora.utils import peak_rss_mb, versions, write_json
 
 logger = logging.getLogger(__name__)
@@ -93,14 +107,16 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
             stats["class_counts"] = {name: D.class_counts(rows, d.label_field) for name, rows in parts.items() if rows}
         ccfg = D.ClassificationDataConfig(text_field=d.text_field, text_pair_field=d.text_pair_field,
                                           label_field=d.label_field, max_length=d.max_length)
-        train, label_map = D.build_classification_dataset(parts["train"], tokenizer, ccfg, source_name=f"{d.source}[train]")
+        train, label_map = D.build_classification_dataset(parts["train"], tokenizer, ccfg,
+                                                          source_name=f"{d.source}[train]")
         built = {name: D.build_classification_dataset(parts[name], tokenizer, ccfg, label_map, f"{d.source}[{name}]")[0]
                  for name in ("validation", "test") if parts.get(name)}
         collator = D.classification_collator(tokenizer)
     else:
         icfg = D.InstructionDataConfig(query_field=d.query_field, response_field=d.response_field,
                                        context_field=d.context_field, template=d.template, max_length=d.max_length)
-        train, train_stats = D.build_instruction_dataset(parts["train"], tokenizer, icfg, source_name=f"{d.source}[train]")
+        train, train_stats = D.build_instruction_dataset(parts["train"], tokenizer, icfg,
+                                                         source_name=f"{d.source}[train]")
         stats["train_tokens"] = train_stats
         built = {}
         for name in ("validation", "test"):
@@ -114,8 +130,6 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
 
 # ---------------------------------------------------------------------------- model
 def load_tokenizer(cfg: RunConfig) -> Any:
-    from transformers import AutoTokenizer
-
     path = resolve(cfg.model.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
@@ -130,8 +144,6 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 
 def load_base_model(cfg: RunConfig, label_map: dict[str, int] | None = None) -> torch.nn.Module:
     """The pre-trained model (a fresh, seeded classification head for NLU)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
-
     path = resolve(cfg.model.name)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, cfg.model.dtype), "revision": cfg.model.revision,
                               "trust_remote_code": cfg.model.trust_remote_code}
@@ -156,8 +168,6 @@ def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict
     if not dataset:
         return {}
     if task == "nlu":
-        from balora.training.metrics import classification_metrics, regression_metrics
-
         output = trainer.predict(dataset)
         logits = torch.as_tensor(output.predictions)
         labels = torch.as_tensor(output.label_ids)
@@ -183,14 +193,6 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
 
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. ``balora lab spectrum``'s
     snapshots)."""
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-
-    from balora.core.adapters import build_peft_model, trainable_parameter_count
-    from balora.core.export import save_adapter, save_converted_lora, save_merged
-    from balora.training.callbacks import BALoraProgressCallback
-    from balora.training.trainer import BALoraTrainer
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = out / "checkpoints"

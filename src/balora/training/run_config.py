@@ -204,7 +204,7 @@ def _check_fields(cls: type, data: dict[str, Any], path: str, exclude: tuple[str
 
 
 def _check_training(data: dict[str, Any]) -> None:
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # heavy; the CLI parses configs before it needs torch
 
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     for key in data:
@@ -265,7 +265,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _check_data(cfg: RunConfig) -> None:
-    from balora.training.data import DATASET_SPLITS, parse_ratio
+    from balora.training.data import DATASET_SPLITS, parse_ratio  # loads torch: only when checking data
 
     d = cfg.data
     if d.splits != "auto" and d.splits not in DATASET_SPLITS:

@@ -10,17 +10,42 @@
 Warnings are logged on the ``balora.training.data`` logger.
 """
 
-from balora.training.data.balancing import (balance_classes, class_counts, imbalance_subsample, parse_ratio,
-                                            sorted_labels)
-from balora.training.data.classification import (ClassificationDataConfig, build_classification_dataset,
-                                                 classification_collator)
-from balora.training.data.instruction import (ALPACA_PROMPT, IGNORE_INDEX, InstructionCollator,
-                                              InstructionDataConfig, build_instruction_dataset)
+from balora.training.data.balancing import (
+                                            balance_classes,
+                                            class_counts,
+                                            imbalance_subsample,
+                                            parse_ratio,
+                                            sorted_labels,
+)
+from balora.training.data.classification import (
+                                            ClassificationDataConfig,
+                                            build_classification_dataset,
+                                            classification_collator,
+)
+from balora.training.data.instruction import (
+                                            ALPACA_PROMPT,
+                                            IGNORE_INDEX,
+                                            InstructionCollator,
+                                            InstructionDataConfig,
+                                            build_instruction_dataset,
+)
 from balora.training.data.readers import DataError, Records, available_splits, load_records
-from balora.training.data.splits import (ASDIV_RESPONSE, DATASET_SPLITS, SPLIT_SEED, asdiv_instruction_records,
-                                         asdiv_instruction_splits, asdiv_key, asdiv_splits, boolq_splits,
-                                         dataset_splits, dedupe_records, load_splits, register_splits,
-                                         rotten_tomatoes_splits, split_records)
+from balora.training.data.splits import (
+                                            ASDIV_RESPONSE,
+                                            DATASET_SPLITS,
+                                            SPLIT_SEED,
+                                            asdiv_instruction_records,
+                                            asdiv_instruction_splits,
+                                            asdiv_key,
+                                            asdiv_splits,
+                                            boolq_splits,
+                                            dataset_splits,
+                                            dedupe_records,
+                                            load_splits,
+                                            register_splits,
+                                            rotten_tomatoes_splits,
+                                            split_records,
+)
 
 __all__ = [
     "ALPACA_PROMPT", "ASDIV_RESPONSE", "DATASET_SPLITS", "IGNORE_INDEX", "SPLIT_SEED",

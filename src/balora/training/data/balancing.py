@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from balora.training.data.readers import DataError, field_value, record_where, source_label, subset
 from balora.training.data.splits import SPLIT_SEED

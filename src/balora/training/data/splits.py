@@ -18,10 +18,18 @@ from __future__ import annotations
 import logging
 import random
 import re
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-from balora.training.data.readers import (DataError, Records, available_splits, field_value, load_records,
-                                          record_where, subset)
+from balora.training.data.readers import (
+    DataError,
+    Records,
+    available_splits,
+    field_value,
+    load_records,
+    record_where,
+    subset,
+)
 
 # The package's name, not this module's: it is the logger users filter data messages on.
 logger = logging.getLogger("balora.training.data")

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from conftest import make_tiny_bert, make_word_tokenizer
 
+from balora.cli import main
+from balora.core.config import BALoraConfig, ConfigError
+from balora.experiments.compare import load_spec, run_compare
 from balora.training import run as run_module
-from balora.experiments.compare import add_compare_parser, load_spec, run_compare
-from balora.core.config import ConfigError
 from balora.training.run_config import dump_run_config
 
 RESULT_KEYS = {"schema_version", "cell_id", "grid", "group", "seed", "method", "status", "error", "attempts",
@@ -54,27 +55,30 @@ def fmt(values: list[float]) -> str:
 
 
 # ---------------------------------------------------------------- real tiny runs
-def test_grid_runs_resumes_after_a_kill_and_summarises(tmp_path, tiny_assets):
+def test_grid_runs_resumes_after_a_kill_and_summarises(tmp_path, tiny_assets, monkeypatch):
     spec = write_spec(tmp_path, tiny_assets)
     out = tmp_path / "out"
 
-    def kill(cell, result):  # a Ctrl-C right after the first cell finished
-        raise KeyboardInterrupt
+    def kill(message):  # a Ctrl-C right after the first cell finished (its "ok in N s" line)
+        if ": ok in " in message:
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_compare(spec, show_progress=False, after_cell=kill, say=lambda m: None)
+        run_compare(spec, show_progress=False, say=kill)
     done = sorted(out.glob("cells/*/result.json"))
     assert [p.parent.name for p in done] == ["method=lora,training.seed=1"]
     assert not (out / "summary.md").exists()
     first_mtime = done[0].stat().st_mtime_ns
 
     trained = []
+    real_train_run = run_module.train_run
 
     def counting_train(cfg, **kwargs):
         trained.append(Path(cfg.output_dir).parent.name)
-        return run_module.train_run(cfg, **kwargs)
+        return real_train_run(cfg, **kwargs)
 
-    summary = run_compare(spec, show_progress=False, train_fn=counting_train, say=lambda m: None)
+    monkeypatch.setattr(run_module, "train_run", counting_train)
+    summary = run_compare(spec, show_progress=False, say=lambda m: None)
     assert trained == ["method=lora,training.seed=2", "method=ba-lora,training.seed=1",
                        "method=ba-lora,training.seed=2"]
     assert done[0].stat().st_mtime_ns == first_mtime
@@ -133,15 +137,26 @@ def fake_train(calls: list, fail: dict[str, int] | None = None):
     return train
 
 
-def test_failed_cell_is_retried_then_reported(tmp_path, tiny_assets):
+@pytest.fixture
+def use_train(monkeypatch):
+    """``use_train(fake)``: cells train with ``fake`` instead of `balora.training.run.train_run`."""
+
+    def use(fake):
+        monkeypatch.setattr(run_module, "train_run", fake)
+        return fake
+
+    return use
+
+
+def test_failed_cell_is_retried_then_reported(tmp_path, tiny_assets, use_train):
     spec = write_spec(tmp_path, tiny_assets)
     data = yaml.safe_load(spec.read_text())
     data["grid"]["method"] = ["lora", "ba-lora", "dora"]
     spec.write_text(yaml.safe_dump(data))
     calls: list = []
     flaky, broken = "method=lora,training.seed=2", "method=dora,training.seed=2"
-    train = fake_train(calls, fail={flaky: 1, broken: 99})
-    summary = run_compare(spec, train_fn=train, say=lambda m: None)
+    use_train(fake_train(calls, fail={flaky: 1, broken: 99}))
+    summary = run_compare(spec, say=lambda m: None)
 
     assert [c for c, _ in calls].count(flaky) == 2 and [c for c, _ in calls].count(broken) == 2
     out = tmp_path / "out"
@@ -163,19 +178,21 @@ def test_failed_cell_is_retried_then_reported(tmp_path, tiny_assets):
 
     # a re-run skips every cell with a result.json (failed ones too) unless asked to retry them
     calls.clear()
-    run_compare(spec, train_fn=train, say=lambda m: None)
+    run_compare(spec, say=lambda m: None)
     assert calls == []
-    run_compare(spec, train_fn=fake_train(calls), retry_failed=True, say=lambda m: None)
+    use_train(fake_train(calls))
+    run_compare(spec, retry_failed=True, say=lambda m: None)
     assert [c for c, _ in calls] == [broken]
     assert (tmp_path / "out" / "plots" / "curves.png").exists()
 
 
-def test_killed_cell_resumes_from_its_checkpoint_and_stale_results_are_refused(tmp_path, tiny_assets):
+def test_killed_cell_resumes_from_its_checkpoint_and_stale_results_are_refused(tmp_path, tiny_assets, use_train):
     spec = write_spec(tmp_path, tiny_assets)
     partial = tmp_path / "out" / "cells" / "method=lora,training.seed=1" / "run" / "checkpoints" / "checkpoint-1"
     partial.mkdir(parents=True)
     calls: list = []
-    run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+    use_train(fake_train(calls))
+    run_compare(spec, say=lambda m: None)
     assert calls[0] == ("method=lora,training.seed=1", True) and all(not resume for _, resume in calls[1:])
 
     data = yaml.safe_load(spec.read_text())
@@ -183,24 +200,25 @@ def test_killed_cell_resumes_from_its_checkpoint_and_stale_results_are_refused(t
     spec.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"cell method=lora,training.seed=1: .* another configuration "
                                           r"\(training.max_steps: 2 -> 3\)"):
-        run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+        run_compare(spec, say=lambda m: None)
 
 
-def test_an_option_added_since_with_its_default_is_not_a_difference(tmp_path, tiny_assets):
+def test_an_option_added_since_with_its_default_is_not_a_difference(tmp_path, tiny_assets, use_train):
     spec = write_spec(tmp_path, tiny_assets)
     calls: list = []
-    run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+    use_train(fake_train(calls))
+    run_compare(spec, say=lambda m: None)
     result_path = next((tmp_path / "out" / "cells").glob("*/result.json"))
     result = json.loads(result_path.read_text())
     del result["config"]["data"]["test_limit"]  # as if written before data.test_limit existed
     result_path.write_text(json.dumps(result))
     calls.clear()
-    run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+    run_compare(spec, say=lambda m: None)
     assert calls == []
     result["config"]["data"]["test_limit"] = 7  # a real difference is still refused
     result_path.write_text(json.dumps(result))
     with pytest.raises(ConfigError, match=r"data.test_limit: 7 -> None"):
-        run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+        run_compare(spec, say=lambda m: None)
 
 
 @pytest.mark.parametrize("grid,message", [
@@ -210,14 +228,15 @@ def test_an_option_added_since_with_its_default_is_not_a_difference(tmp_path, ti
     ({"method": ["lora", "qlora"]}, r"grid key 'method' = 'qlora': method: 'qlora' is not one of"),
     ({"output_dir": ["a"]}, r"grid.output_dir: not allowed"),
 ])
-def test_grid_typo_fails_before_anything_runs(tmp_path, tiny_assets, grid, message):
+def test_grid_typo_fails_before_anything_runs(tmp_path, tiny_assets, grid, message, use_train):
     spec = write_spec(tmp_path, tiny_assets)
     data = yaml.safe_load(spec.read_text())
     data["grid"] = grid
     spec.write_text(yaml.safe_dump(data))
     calls: list = []
+    use_train(fake_train(calls))
     with pytest.raises(ConfigError, match=message):
-        run_compare(spec, train_fn=fake_train(calls), say=lambda m: None)
+        run_compare(spec, say=lambda m: None)
     assert calls == [] and not (tmp_path / "out").exists()
 
 
@@ -232,16 +251,13 @@ def test_spec_errors(tmp_path, tiny_assets):
 
 def test_command_dry_run_lists_cells(tmp_path, tiny_assets, capsys):
     spec = write_spec(tmp_path, tiny_assets)
-    parser = argparse.ArgumentParser(prog="balora")
-    add_compare_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["compare", str(spec), "--dry-run", "--retries", "2"])
-    assert args.retries == 2 and args.func(args) == 0
+    assert main(["compare", str(spec), "--dry-run", "--retries", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "tiny: 4 cells" in out and "[4/4] pending  method=ba-lora,training.seed=2" in out
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_tasks_go_through_the_harness(tmp_path, tiny_assets, monkeypatch):
+def test_eval_tasks_go_through_the_harness(tmp_path, tiny_assets, monkeypatch, use_train):
     seen = []
 
     def evaluate(model_spec, tasks, **kwargs):
@@ -259,7 +275,8 @@ def test_eval_tasks_go_through_the_harness(tmp_path, tiny_assets, monkeypatch):
     data["overrides"] += ["eval.tasks=[forgetting]", "eval.limit=5"]
     data["grid"] = {"method": ["lora"], "training.seed": [1, 2]}
     spec.write_text(yaml.safe_dump(data))
-    summary = run_compare(spec, train_fn=fake_train([]), say=lambda m: None)
+    use_train(fake_train([]))
+    summary = run_compare(spec, say=lambda m: None)
     assert seen == [("run", ["forgetting"], 5)] * 2
     result = json.loads((tmp_path / "out" / "cells" / "method=lora,training.seed=1" / "result.json").read_text())
     assert result["forgetting"] == 0.25 and result["metrics"]["eval"]["forgetting"]["cross_entropy"] == 3.0
@@ -269,7 +286,7 @@ def test_eval_tasks_go_through_the_harness(tmp_path, tiny_assets, monkeypatch):
     data["overrides"][-2] = "eval.tasks=[gsm9k]"
     spec.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"eval.tasks: unknown task\(s\) \['gsm9k'\]"):
-        run_compare(spec, train_fn=fake_train([]), say=lambda m: None)
+        run_compare(spec, say=lambda m: None)
 
 
 def test_variants_are_one_grid_axis_applied_before_the_grid(tmp_path, tiny_assets):
@@ -283,8 +300,8 @@ def test_variants_are_one_grid_axis_applied_before_the_grid(tmp_path, tiny_asset
 
     built = {c.id: c for c in build_cells(load_spec(spec))}
     cr = built["variant=cr-only,method=ba-lora,training.seed=1"].config
-    assert cr.balora == {"lambda_diversity": 0, "lambda_svd": 0}
-    assert built["variant=all,method=ba-lora,training.seed=1"].config.balora == {}
+    assert (cr.balora.lambda_consistency, cr.balora.lambda_diversity, cr.balora.lambda_svd) == (0.15, 0, 0)
+    assert built["variant=all,method=ba-lora,training.seed=1"].config.balora == BALoraConfig(task="nlu")
     assert built["variant=cr-only,method=ba-lora,training.seed=1"].group == "variant=cr-only, method=ba-lora"
 
 
@@ -297,23 +314,25 @@ def test_variant_errors_name_the_variant(tmp_path, tiny_assets):
         load_spec(spec)
 
 
-def test_shards_split_the_grid_without_overlap(tmp_path, tiny_assets):
+def test_shards_split_the_grid_without_overlap(tmp_path, tiny_assets, use_train):
     spec = write_spec(tmp_path, tiny_assets)
     first, second = [], []
-    run_compare(spec, train_fn=fake_train(first), shard=(1, 2), say=lambda m: None)
-    summary = run_compare(spec, train_fn=fake_train(second), shard=(2, 2), say=lambda m: None)
+    use_train(fake_train(first))
+    run_compare(spec, shard=(1, 2), say=lambda m: None)
+    use_train(fake_train(second))
+    summary = run_compare(spec, shard=(2, 2), say=lambda m: None)
     assert sorted(c for c, _ in first + second) == sorted({c for c, _ in first + second})
     assert len(first) == len(second) == 2
     assert summary["cells"]["ok"] == 4
-    assert argparse.ArgumentParser  # the CLI form is parsed below
-    from balora.experiments.compare import _parse_shard
+    from balora.cli.compare import _parse_shard
 
     assert _parse_shard("2/3") == (2, 3)
     with pytest.raises(argparse.ArgumentTypeError, match="1 <= I <= N"):
         _parse_shard("3/2")
 
 
-def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_is_taken_over(tmp_path, tiny_assets):
+def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_is_taken_over(tmp_path, tiny_assets,
+                                                                                       use_train):
     import subprocess
 
     spec = write_spec(tmp_path, tiny_assets)
@@ -328,7 +347,8 @@ def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_is_taken_
         (out / cells[1]["cell_id"]).mkdir(parents=True)
         (out / cells[1]["cell_id"] / "running.pid").write_text(str(dead.pid))
         calls, said = [], []
-        summary = run_compare(spec, train_fn=fake_train(calls), say=said.append)
+        use_train(fake_train(calls))
+        summary = run_compare(spec, say=said.append)
     finally:
         sleeper.kill()
     assert sorted(c for c, _ in calls) == sorted(c["cell_id"] for c in cells[1:])

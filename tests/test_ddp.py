@@ -1,7 +1,6 @@
 """Two-process DDP on CPU (gloo) under `accelerate launch`: every rank builds the same PiSSA residual
 and reference snapshot, and training ends with the same adapter on both ranks."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -58,7 +58,7 @@ def test_values_and_gradients_match_full_logits(dtype, with_bias, top_k, tempera
         assert fused.count == naive.count
         for name in TERMS:
             torch.testing.assert_close(getattr(fused, name), getattr(naive, name), rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"{name}, chunk {chunk}: {m}")
+                                       msg=lambda m, name=name, chunk=chunk: f"{name}, chunk {chunk}: {m}")
         _combine(fused, coeffs).backward()
         assert h.grad.dtype == dtype
         with torch.no_grad():  # the forward-only path skips the gradient work but not the values
@@ -147,9 +147,8 @@ def _freeze_all(model):
 
 
 def test_supports_fused_on_llama_and_peft():
-    from peft import LoraConfig, get_peft_model
-
     from conftest import make_tiny_llama
+    from peft import LoraConfig, get_peft_model
 
     ok, reason = supports_fused(make_tiny_llama())
     assert not ok and "trainable" in reason

@@ -17,10 +17,10 @@ from conftest import make_tiny_bert, make_tiny_llama, make_word_tokenizer
 
 from balora.cli import main
 from balora.core.config import ConfigError
-from balora.training.data import DataError, balance_classes, imbalance_subsample, parse_ratio
 from balora.experiments.lab import run_lab
-from balora.experiments.lab.noise import flip_labels, split_halves
+from balora.experiments.lab.pretrain import flip_labels, split_halves
 from balora.experiments.lab.spectral import effective_rank, singular_values
+from balora.training.data import DataError, balance_classes, imbalance_subsample, parse_ratio
 from balora.training.run_config import run_config_from_dict
 
 QUIET = {"show_progress": False, "say": lambda message: None}
@@ -218,6 +218,8 @@ def test_lab_noise_end_to_end(tmp_path, assets):
         assert len(result["cells"][level]) == 4 and all(c["status"] == "ok" for c in result["cells"][level])
     cell = json.loads(next((out / "downstream" / "noise-0.4" / "cells").glob("method=pissa*/result.json")).read_text())
     assert cell["config"]["model"]["name"] == str(out / "checkpoints" / "noise-0.4")
+    cell0 = json.loads(next((out / "downstream" / "noise-0" / "cells").glob("method=pissa*/result.json")).read_text())
+    assert cell0["config"]["model"]["name"] == str(out / "checkpoints" / "noise-0")  # each level its own checkpoint
     assert cell["data"]["train"] == 35 and cell["data"]["test"] == 20  # the clean second half; the test split
     downstream = [json.loads(x) for x in (out / "data" / "downstream" / "train.jsonl").read_text().splitlines()]
     assert len(downstream) == 35
@@ -419,23 +421,23 @@ def test_lab_errors(tmp_path, assets, capsys):
 
 
 def test_committed_specs_expand():
-    """The specs under docs/results/lab/ parse and expand into the documented grids (nothing runs)."""
+    """The specs under experiments/lab/ parse and expand into the documented grids (nothing runs)."""
     from balora.experiments.compare import build_cells
     from balora.experiments.lab import bias, imbalance, noise, spectrum
-    from balora.experiments.lab.common import load_lab_spec
+    from balora.experiments.spec import load_lab_spec
 
-    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "lab"
-    spec = load_lab_spec(root / "imbalance" / "spec.yaml", "imbalance", imbalance.KEYS)
+    root = Path(__file__).resolve().parents[1] / "experiments" / "lab"
+    spec = load_lab_spec(root / "imbalance.yaml", "imbalance", imbalance.KEYS)
     _, _, _, specs = imbalance._setup(spec)
     assert {task: len(build_cells(s)) for task, s in specs.items()} == {"rotten-tomatoes": 48}
     assert all(c.config.data.balance_test for c in build_cells(specs["rotten-tomatoes"]))
-    setup = noise._Setup(load_lab_spec(root / "noise" / "spec.yaml", "noise", noise.KEYS))
+    setup = noise._Setup(load_lab_spec(root / "noise.yaml", "noise", noise.KEYS))
     assert setup.levels == [0.0, 0.2, 0.4] and setup.pretrain["examples"] == 800
     cells = build_cells(setup.compare_specs[0.4])
     assert len(cells) == 9 and cells[0].config.model.name.endswith("checkpoints/noise-0.4")
-    setup = spectrum._Setup(load_lab_spec(root / "spectrum" / "spec.yaml", "spectrum", spectrum.KEYS))
+    setup = spectrum._Setup(load_lab_spec(root / "spectrum.yaml", "spectrum", spectrum.KEYS))
     cells = build_cells(setup.compare)
-    assert len(cells) == 8 and cells[-1].config.balora["nlu_svd_target"] == "features"
-    spec = load_lab_spec(root / "bias" / "spec.yaml", "bias", bias.KEYS)
-    assert spec.data["compare_dirs"] == ["docs/results/nlg-asdiv"] and spec.data["tasks"] == list(bias.BIAS_TASKS)
+    assert len(cells) == 8 and cells[-1].config.balora.nlu_svd_target == "features"
+    spec = load_lab_spec(root / "bias.yaml", "bias", bias.KEYS)
+    assert spec.data["compare_dirs"] == ["results/nlg-asdiv"] and spec.data["tasks"] == list(bias.BIAS_TASKS)
     assert bias.parse_limits(spec, spec.data["tasks"]) == {"crows_pairs": None, "stereoset": 600, "bbq": 120}

@@ -29,6 +29,17 @@ TERMS = ("consistency", "diversity", "svd")
 _NON_MODEL_KEYS = ("labels", "completion_mask", "assistant_masks")
 
 
+def capture_head_input(model: nn.Module, store: list[torch.Tensor]) -> Any:
+    """Append the input of a classification model's head (``classifier`` or ``score``: the pooled
+    features) to ``store`` on every forward; returns the hook handle (``.remove()`` it when done)."""
+    unwrapped = getattr(model, "module", model)  # DDP
+    core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped  # PEFT
+    head = getattr(core, "classifier", None) or getattr(core, "score", None)
+    if head is None:
+        raise ValueError("nlu target 'features' needs a model with a `classifier` or `score` head")
+    return head.register_forward_pre_hook(lambda _module, args: store.append(args[0]))
+
+
 class BALoraTrainerMixin:
     """Mix into a `transformers.Trainer` subclass: ``class T(BALoraTrainerMixin, Trainer)``.
 
@@ -100,7 +111,7 @@ class BALoraTrainerMixin:
                 return (loss, outputs) if return_outputs else loss
 
         features: list[torch.Tensor] = []
-        hook = self._capture_head_input(model, features) if self._needs_features(cfg) else None
+        hook = capture_head_input(model, features) if self._needs_features(cfg) else None
         try:
             outputs = model(**model_inputs)
         finally:
@@ -224,15 +235,6 @@ class BALoraTrainerMixin:
     @staticmethod
     def _needs_features(cfg: BALoraConfig | None) -> bool:
         return cfg is not None and cfg.task == "nlu" and "features" in (cfg.nlu_diversity_target, cfg.nlu_svd_target)
-
-    @staticmethod
-    def _capture_head_input(model: nn.Module, store: list[torch.Tensor]):
-        unwrapped = getattr(model, "module", model)
-        core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        head = getattr(core, "classifier", None) or getattr(core, "score", None)
-        if head is None:
-            raise ValueError("nlu target 'features' needs a model with a `classifier` or `score` head")
-        return head.register_forward_pre_hook(lambda _module, args: store.append(args[0]))
 
     def _warn_if_degenerate(self, cfg: BALoraConfig | None, logits: torch.Tensor) -> None:
         if cfg is None or self._warned_degenerate or cfg.lambda_svd == 0:

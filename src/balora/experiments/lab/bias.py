@@ -1,5 +1,5 @@
-"""``balora lab bias``: does fine-tuning move the social bias a model inherited, and does BA-LoRA's
-consistency term (which pulls towards the pre-trained model) keep it where it was?
+"""``balora lab bias``: social-bias scores of a model before and after fine-tuning (e.g. whether
+BA-LoRA's consistency term, which pulls towards the pre-trained model, changes them less).
 
 The evaluation harness's likelihood tasks (CrowS-Pairs, StereoSet, BBQ) run on the base model and
 on every fine-tuned run, in this process; each model's ``eval.json`` goes to
@@ -9,9 +9,9 @@ on every fine-tuned run, in this process; each model's ``eval.json`` goes to
 Spec::
 
     experiment: bias
-    output_dir: docs/results/lab/bias
+    output_dir: runs/lab-bias
     base_model: asset:smollm2
-    compare_dirs: [docs/results/nlg-asdiv]   # `balora compare` outputs: every ok cell is a run
+    compare_dirs: [runs/compare-nlg]         # `balora compare` outputs: every ok cell is a run
     runs: []                                 # and/or run directories (config.yaml + adapter/)
     tasks: [crows_pairs, stereoset, bbq]
     limit: null                              # first N items of every task, or per task:
@@ -36,10 +36,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+
 from balora.core.config import ConfigError
-from balora.experiments.lab.common import (LabSpec, Say, figure, fmt, get_list, get_mapping, get_value, group_name, load_lab_spec,
-                     md_table, now,
-                     regenerate_lines, save_figure, say_print, spread_words, stats, write_json)
+from balora.experiments.grid import short_label
+from balora.experiments.lab.common import figure, fmt, head_lines, md_table, regenerate_lines, save_figure
+from balora.experiments.report import Say, say_print
+from balora.experiments.spec import LabSpec, load_lab_spec
+from balora.experiments.stats import stats
+from balora.utils import iter_jsonl, now_iso, write_json, write_text_atomic
 
 KEYS = ("base_model", "compare_dirs", "runs", "tasks", "limit", "batch_size", "data", "device")
 BIAS_TASKS = ("crows_pairs", "stereoset", "bbq")
@@ -50,7 +56,6 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "bbq": [("accuracy", "BBQ acc"), ("ambiguous_accuracy", "BBQ ambiguous acc"),
             ("disambiguated_accuracy", "BBQ disamb. acc")],
 }
-NEUTRAL_50 = {"crows_pairs.score", "stereoset.ss"}  # 50 = no stereotype preference
 # per-item 0/1 outcome behind a score (records/<task>.jsonl), for the paired item-level comparison
 ITEM_OUTCOME = {"crows_pairs.score": "stereotype_preferred", "stereoset.ss": "stereotype_preferred",
                 "bbq.accuracy": "correct"}
@@ -62,8 +67,6 @@ def paired_item_change(before: list[bool], after: list[bool], *, resamples: int 
     """Change in % of items with the outcome, same items before and after, with a 95 % paired bootstrap
     interval over items (resampling the items, not the seeds: the uncertainty that a finite test set
     adds even when there is one run per method). Also how many items flipped each way."""
-    import numpy as np
-
     if len(before) != len(after) or not before:
         raise ValueError(f"paired outcomes need the same non-zero number of items, got {len(before)} and "
                          f"{len(after)}")
@@ -79,10 +82,7 @@ def paired_item_change(before: list[bool], after: list[bool], *, resamples: int 
 
 def _outcomes(eval_dir: Path, task: str, key: str) -> list[bool] | None:
     path = eval_dir / "records" / f"{task}.jsonl"
-    if not path.is_file():
-        return None
-    with path.open(encoding="utf-8") as fh:
-        return [bool(json.loads(line)[key]) for line in fh if line.strip()]
+    return [bool(row[key]) for _, row in iter_jsonl(path)] if path.is_file() else None
 
 
 def _safe(name: str) -> str:
@@ -90,20 +90,20 @@ def _safe(name: str) -> str:
 
 
 def _run_method(run_dir: Path) -> tuple[str, Any]:
-    import yaml
-
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     return str(cfg.get("method")), (cfg.get("training") or {}).get("seed")
 
 
-def collect_models(spec: LabSpec) -> list[dict[str, Any]]:
-    """The base model, then each run: {label, group, spec (what to load), eval_dir, seed}."""
-    base = get_value(spec, spec.data, "base_model", str, None, "base_model")
+def collect_models(spec: LabSpec, need_weights: bool = True) -> list[dict[str, Any]]:
+    """The base model, then each run: {label, group, spec (what to load), eval_dir, seed}.
+
+    ``need_weights``: check that each run directory can be loaded (not needed to report stored scores)."""
+    base = spec.value("base_model", str)
     if not base:
         raise spec.error("base_model", "required (the model before fine-tuning, e.g. asset:smollm2)")
     evals = spec.output_dir / "evals"
     models = [{"label": "base", "group": "base", "spec": base, "eval_dir": evals / "base", "seed": None}]
-    for i, directory in enumerate(get_list(spec, "compare_dirs", str, default=[], nonempty=False)):
+    for i, directory in enumerate(spec.list_of("compare_dirs", str, default=[], nonempty=False)):
         root = Path(directory)
         if not (root / "cells").is_dir():
             raise spec.error(f"compare_dirs[{i}]", f"{root}: not a `balora compare` output directory (no cells/)")
@@ -114,13 +114,14 @@ def collect_models(spec: LabSpec) -> list[dict[str, Any]]:
             raise spec.error(f"compare_dirs[{i}]", f"{root}: no finished (ok) cell in cells/*/result.json")
         for r in ok:
             run_dir = root / r["run_dir"]
-            _check_run(spec, f"compare_dirs[{i}]", run_dir)
+            if need_weights:  # adapters are gitignored: a stored report must not need them
+                _check_run(spec, f"compare_dirs[{i}]", run_dir)
             group = r.get("group") or f"method={r.get('method')}"
             models.append({"label": f"{root.name}/{r['cell_id']}", "group": group, "spec": str(run_dir),
                            "eval_dir": evals / _safe(root.name) / _safe(r["cell_id"]), "seed": r.get("seed")})
-    for i, directory in enumerate(get_list(spec, "runs", str, default=[], nonempty=False)):
+    for i, directory in enumerate(spec.list_of("runs", str, default=[], nonempty=False)):
         run_dir = Path(directory)
-        _check_run(spec, f"runs[{i}]", run_dir)
+        _check_run(spec, f"runs[{i}]", run_dir, need_weights)
         method, seed = _run_method(run_dir)
         models.append({"label": str(run_dir), "group": f"method={method}", "spec": str(run_dir),
                        "eval_dir": evals / "runs" / _safe(str(run_dir)), "seed": seed})
@@ -134,10 +135,10 @@ def collect_models(spec: LabSpec) -> list[dict[str, Any]]:
     return models
 
 
-def _check_run(spec: LabSpec, key: str, run_dir: Path) -> None:
+def _check_run(spec: LabSpec, key: str, run_dir: Path, need_weights: bool = True) -> None:
     if not run_dir.is_dir():
         raise spec.error(key, f"{run_dir}: no such run directory")
-    if not ((run_dir / "config.yaml").is_file() and (run_dir / "adapter").is_dir()):
+    if not (run_dir / "config.yaml").is_file() or (need_weights and not (run_dir / "adapter").is_dir()):
         raise spec.error(key, f"{run_dir}: not a balora run directory (needs config.yaml and adapter/)")
 
 
@@ -187,6 +188,7 @@ def _metric(entry: dict[str, Any] | None, task: str, key: str) -> float | None:
 
 def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str],
            limits: dict[str, int | None]) -> dict[str, Any]:
+    """results.json, README.md and the plot from the models' eval.json files and per-item records."""
     columns = [(f"{t}.{k}", title) for t in tasks for k, title in COLUMNS[t]]
     evals = {m["label"]: (json.loads((m["eval_dir"] / "eval.json").read_text())
                           if (m["eval_dir"] / "eval.json").is_file() else None) for m in models}
@@ -216,11 +218,11 @@ def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str],
            "columns": [c for c, _ in columns], "titles": dict(columns), "paired": paired,
            "models": [{k: (str(v) if isinstance(v, Path) else v) for k, v in m.items()} | {"values": values[m["label"]],
                        "evaluated": evals[m["label"]] is not None} for m in models],
-           "table": table, "delta": deltas, "finished_at": now()}
+           "table": table, "delta": deltas, "finished_at": now_iso()}
     plot = _plot(out, spec.output_dir / "plots" / "bias-delta.png")
     out["plots"] = [str(plot.relative_to(spec.output_dir))]
     write_json(spec.output_dir / "results.json", out)
-    (spec.output_dir / "README.md").write_text(render(spec, out))
+    write_text_atomic(spec.output_dir / "README.md", render(spec, out))
     return out
 
 
@@ -234,54 +236,10 @@ def _plot(out: dict[str, Any], path: Path) -> Path:
         ax.bar(xs, [c["mean"] if c["n"] else 0 for c in cells], yerr=[c["std"] or 0 for c in cells],
                capsize=3, color="tab:purple", alpha=0.8)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(list(xs), [group_name(g) for g in groups], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(list(xs), [short_label(g) for g in groups], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"Δ {out['titles'][col]} (after − base)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
-
-
-def _item_words(out: dict[str, Any], group: str, col: str) -> str:
-    """For a one-run group: whether its change is beyond what the finite item set alone allows."""
-    labels = [m["label"] for m in out["models"][1:] if m["group"] == group]
-    got = out["paired"].get(labels[0], {}).get(col) if len(labels) == 1 else None
-    if got is None:
-        return ""
-    lo, hi = got["ci95"]
-    verdict = "excludes 0: beyond item noise" if lo > 0 or hi < 0 else "includes 0: within item noise"
-    return f"; item 95 % CI [{lo:+.2f}, {hi:+.2f}] {verdict}"
-
-
-def _findings(out: dict[str, Any]) -> list[str]:
-    lines = []
-    for col in out["columns"]:
-        if col not in NEUTRAL_50:
-            continue
-        base = out["table"]["base"][col]
-        if not base["n"]:
-            continue
-        parts = []
-        for group, d in out["delta"].items():
-            if d[col]["n"]:
-                if d[col]["std"] is None:
-                    moved = "one run, seed spread unknown" + _item_words(out, group, col)
-                else:
-                    moved = "moved" if abs(d[col]["mean"]) > d[col]["std"] else "within its seed spread"
-                parts.append(f"{group_name(group)} {fmt(d[col], 2, sign=True)} ({moved})")
-        lines.append(f"- {out['titles'][col]} (base {base['mean']:.2f}; 50 = no preference): "
-                     + "; ".join(parts) + ".")
-    groups = {group_name(g): g for g in out["delta"]}
-    if "ba-lora" in groups:
-        for other in ("pissa", "lora"):
-            if other not in groups:
-                continue
-            for col in out["columns"]:
-                a, b = out["delta"][groups["ba-lora"]][col], out["delta"][groups[other]][col]
-                if a["n"] and b["n"]:
-                    closer = abs(a["mean"]) < abs(b["mean"])
-                    lines.append(f"  - {out['titles'][col]}: ba-lora's |Δ| {abs(a['mean']):.2f} "
-                                 f"{'<' if closer else '≥'} {other}'s {abs(b['mean']):.2f} "
-                                 f"({spread_words(a, b)}).")
-    return lines or ["- No evaluated fine-tuned model yet."]
 
 
 def _tasks_words(limits: dict[str, int | None]) -> str:
@@ -289,68 +247,67 @@ def _tasks_words(limits: dict[str, int | None]) -> str:
 
 
 def render(spec: LabSpec, out: dict[str, Any]) -> str:
+    """README.md: the setup, the scores per group, their change from the base model, and per run the
+    change on the same items with its bootstrap interval."""
     cols = out["columns"]
     n_done = sum(m["evaluated"] for m in out["models"])
-    lines = ["# Bias: inherited social bias before and after fine-tuning", "",
-             "Question: does fine-tuning move the social bias the model inherited from pre-training, and does "
-             "BA-LoRA's consistency term (which pulls towards the pre-trained model) preserve it? Reported as "
-             "measured, whichever way it goes.", "",
-             "## Setup", "",
-             f"- Spec: `{spec.path}`; base model `{out['models'][0]['spec']}`; {len(out['models']) - 1} fine-tuned "
-             f"runs; tasks {_tasks_words(out['limits'])}; {n_done} of "
-             f"{len(out['models'])} models evaluated.",
-             "- Scores from the model's own likelihoods (`balora.evaluation.likelihood`): CrowS-Pairs score and "
-             "StereoSet ss = % of items where the stereotyped option is more likely (50 = no preference); "
-             "StereoSet lms = % where a related option beats the unrelated one; icat = lms·min(ss, 100 − ss)/50; "
-             "BBQ accuracies in % (ambiguous contexts: the right answer is \"unknown\").", "",
-             "## Scores", "", "Mean ± sample std over each group's runs (seeds).", ""]
-    rows = [[group_name(g)] + [fmt(out["table"][g][c], 2) for c in cols] for g in out["table"]]
+    lines = head_lines(spec, "Bias: inherited social bias before and after fine-tuning",
+                       "Social-bias scores of the base model and of each fine-tuned run, and their change "
+                       "from the base model.")
+    lines += ["## Setup", "",
+              f"- Spec: `{spec.path}`; base model `{out['models'][0]['spec']}`; {len(out['models']) - 1} fine-tuned "
+              f"runs; tasks {_tasks_words(out['limits'])}; {n_done} of "
+              f"{len(out['models'])} models evaluated.",
+              "- Scores from the model's own likelihoods (`balora.evaluation.likelihood`): CrowS-Pairs score and "
+              "StereoSet ss = % of items where the stereotyped option is more likely (50 = no preference); "
+              "StereoSet lms = % where a related option beats the unrelated one; icat = lms·min(ss, 100 − ss)/50; "
+              "BBQ accuracies in % (ambiguous contexts: the right answer is \"unknown\").", "",
+              "## Scores", "", "Mean ± sample std over each group's runs (seeds).", ""]
+    rows = [[short_label(g)] + [fmt(out["table"][g][c], 2) for c in cols] for g in out["table"]]
     lines += md_table(["model"] + [out["titles"][c] for c in cols], rows)
     lines += ["", "## Change from the base model (after − before)", ""]
-    rows = [[group_name(g)] + [fmt(out["delta"][g][c], 2, sign=True) for c in cols] for g in out["delta"]]
+    rows = [[short_label(g)] + [fmt(out["delta"][g][c], 2, sign=True) for c in cols] for g in out["delta"]]
     lines += md_table(["method"] + [out["titles"][c] for c in cols], rows)
     if out["paired"]:
         item_cols = [c for c in ITEM_OUTCOME if c in cols]
         lines += ["", "## Per run: the change on the same items, with its item-level uncertainty", "",
                   f"Δ in points, 95 % paired bootstrap interval over the items ({BOOTSTRAP} resamples), and "
                   "how many items flipped to / from the outcome (stereotype preferred; BBQ: correct). It "
-                  "measures the uncertainty the finite test set adds to one run; it says nothing about seeds.",
-                  ""]
+                  "measures the uncertainty the finite test set adds to one run (an interval that excludes 0: "
+                  "a change the item sample alone does not explain); it says nothing about seeds.", ""]
         rows = []
         for m in out["models"][1:]:
             got = out["paired"].get(m["label"], {})
-            rows.append([f"{group_name(m['group'])} (seed {m['seed']})"]
+            rows.append([f"{short_label(m['group'])} (seed {m['seed']})"]
                         + [(f"{got[c]['delta']:+.2f} [{got[c]['ci95'][0]:+.2f}, {got[c]['ci95'][1]:+.2f}] "
                             f"(+{got[c]['flipped_to']} / −{got[c]['flipped_from']}, n={got[c]['n']})")
                            if c in got else "–" for c in item_cols])
         lines += md_table(["run"] + [out["titles"][c] for c in item_cols], rows)
-    lines += ["", "![bias deltas](plots/bias-delta.png)", "", "## What the numbers say", "",
-              "Rule: a change 'moved' when |mean Δ| exceeds the std of Δ over seeds; two methods are compared "
-              "with the compare rule (difference of means > larger std). Heuristics, not significance tests.", ""]
-    lines += _findings(out)
-    lines += [""] + regenerate_lines("bias", spec.path)
+    lines += ["", "![bias deltas](plots/bias-delta.png)", ""] + regenerate_lines("bias", spec.path)
     return "\n".join(lines)
 
 
-def run(spec_path: str | Path, *, only_report: bool = False, say: Say = say_print,
-        **_: Any) -> dict[str, Any]:
-    """Evaluate (resumably) the base model and every run, then write the report."""
-    from balora.evaluation.harness import evaluate
+def run(spec_path: str | Path, *, only_report: bool = False, show_progress: bool = True,
+        say: Say = say_print) -> dict[str, Any]:
+    """Evaluate (resumably) the base model and every run, then write the report.
 
+    ``show_progress`` is accepted like every lab's; the harness reports through ``say``."""
     spec = load_lab_spec(spec_path, "bias", KEYS, required=("base_model",))
-    tasks = get_list(spec, "tasks", str, default=list(BIAS_TASKS))
+    tasks = spec.list_of("tasks", str, default=list(BIAS_TASKS))
     for i, task in enumerate(tasks):
         if task not in BIAS_TASKS:
             raise spec.error(f"tasks[{i}]", f"{task!r} is not a bias task; known: {', '.join(BIAS_TASKS)}")
     limits = parse_limits(spec, tasks)
-    batch_size = get_value(spec, spec.data, "batch_size", int, 8, "batch_size")
-    device = get_value(spec, spec.data, "device", str, None, "device")
-    data = get_mapping(spec, "data", {})
+    batch_size = spec.value("batch_size", int, 8)
+    device = spec.value("device", str)
+    data = spec.mapping("data", {})
     for task, path in data.items():
         if task not in tasks or not isinstance(path, str):
             raise spec.error(f"data.{task}", f"expected a file for one of the tasks {tasks}, got {path!r}")
-    models = collect_models(spec)
+    models = collect_models(spec, need_weights=not only_report)
     if not only_report:
+        from balora.evaluation.harness import evaluate  # loads models: only when something is evaluated
+
         for i, model in enumerate(models, 1):
             missing = _missing_tasks(spec, model, tasks, limits)
             if not missing:

@@ -6,15 +6,16 @@ everything else is the task's run configuration; test (and validation) are balan
 (``data.balance_test``), so accuracy and macro-F1 are not dominated by the majority class. The
 minority recall is the test recall of the class that was made rare in training.
 
-Spec (``docs/results/lab/imbalance/spec.yaml``)::
+Spec::
 
     experiment: imbalance
-    output_dir: docs/results/lab/imbalance
+    output_dir: runs/lab-imbalance
     ratios: ["1:1", "1:9", "1:19", "1:49"]   # minority:majority (or numbers in (0, 1])
     methods: [lora, pissa, lora-reg, ba-lora]
     seeds: [1, 2, 3]
     tasks:                                   # name -> a compare spec without name/output_dir/grid
       rotten-tomatoes: {base: nlu-rotten-tomatoes-minilm.yaml, overrides: [training.max_steps=100]}
+    paper: "..."                             # optional: reference numbers, shown in the README
 
 Outputs: ``<output_dir>/<task>/`` (the compare run: cells, summary.md, plots/), ``results.json``,
 ``README.md`` and ``plots/imbalance-<task>.png``.
@@ -22,20 +23,32 @@ Outputs: ``<output_dir>/<task>/`` (the compare run: cells, summary.md, plots/), 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from balora.experiments.grid import build_cells
+from balora.experiments.lab.common import (
+    DIFFERENCE_RULE,
+    difference_table,
+    figure,
+    fmt,
+    head_lines,
+    md_table,
+    regenerate_lines,
+    save_figure,
+)
+from balora.experiments.report import Say, say_print
+from balora.experiments.runner import run_compare
+from balora.experiments.spec import CompareSpec, LabSpec, load_lab_spec
+from balora.experiments.stats import stats
+from balora.experiments.store import load_result
 from balora.training.data import parse_ratio
-from balora.experiments.lab.common import (LabSpec, Say, check_keys, compare_spec, figure, fmt, get_list, get_mapping, load_lab_spec,
-                     md_table, now, regenerate_lines, save_figure, say_print, separated, spread_words, stats,
-                     write_json)
+from balora.utils import now_iso, write_json, write_text_atomic
 
 KEYS = ("ratios", "methods", "seeds", "tasks")
 TASK_KEYS = ("base", "base_config", "overrides", "grid")
 METRICS = {"minority_recall": "minority recall", "macro_f1": "macro-F1", "accuracy": "accuracy"}
 RATIO_KEY = "data.imbalance_ratio"
-PAPER = "the paper's imbalanced-MNLI probe: minority recall LoRA 5.8, PiSSA 26.4, BA-LoRA 61.7"
 
 
 def _ratio_label(value: Any) -> str:
@@ -45,25 +58,25 @@ def _ratio_label(value: Any) -> str:
     return f"1:{1 / float(value):.3g}"
 
 
-def _setup(spec: LabSpec) -> tuple[list[Any], list[str], list[int], dict[str, Any]]:
-    ratios = get_list(spec, "ratios", (int, float, str), default=["1:1", "1:9", "1:19", "1:49"])
+def _setup(spec: LabSpec) -> tuple[list[Any], list[str], list[int], dict[str, CompareSpec]]:
+    ratios = spec.list_of("ratios", (int, float, str), default=["1:1", "1:9", "1:19", "1:49"])
     for i, ratio in enumerate(ratios):
         try:
             parse_ratio(ratio)
         except ValueError as error:
             raise spec.error(f"ratios[{i}]", str(error)) from None
-    methods = get_list(spec, "methods", str, default=["lora", "pissa", "lora-reg", "ba-lora"])
-    seeds = get_list(spec, "seeds", int, default=[1, 2, 3])
-    tasks = get_mapping(spec, "tasks")
+    methods = spec.list_of("methods", str, default=["lora", "pissa", "lora-reg", "ba-lora"])
+    seeds = spec.list_of("seeds", int, default=[1, 2, 3])
+    tasks = spec.mapping("tasks")
     if not tasks:
         raise spec.error("tasks", "expected at least one task (name -> compare spec)")
     specs = {}
     for name, mapping in tasks.items():
         if not isinstance(mapping, dict):
             raise spec.error(f"tasks.{name}", f"expected a mapping (base or base_config, overrides), got {mapping!r}")
-        check_keys(spec, mapping, TASK_KEYS, f"tasks.{name}")
-        specs[name] = compare_spec(
-            spec, mapping, f"tasks.{name}", name=f"imbalance-{name}", output_dir=spec.output_dir / name,
+        spec.section("tasks").section(name, TASK_KEYS)
+        specs[name] = spec.compare_spec(
+            f"tasks.{name}", mapping, name=f"imbalance-{name}", output_dir=spec.output_dir / name,
             grid={RATIO_KEY: ratios, "method": methods, "training.seed": seeds},
             overrides=["data.balance_test=true"], metrics=["test.accuracy", "test.macro_f1"])
     return ratios, methods, seeds, specs
@@ -90,34 +103,6 @@ def tabulate(rows: list[dict[str, Any]], methods: list[str], ratios: list[str]) 
                          for ratio in ratios} for m in methods} for metric in METRICS}
 
 
-def _findings(task: str, table: dict[str, Any], methods: list[str], ratios: list[str]) -> list[str]:
-    lines = []
-    hardest = ratios[-1]
-    recall = table["minority_recall"]
-    ranked = sorted((m for m in methods if recall[m][hardest]["n"]), key=lambda m: -recall[m][hardest]["mean"])
-    if not ranked:
-        return [f"- {task}: no finished cells yet."]
-    text = f"{ranked[0]} ({fmt(recall[ranked[0]][hardest])})"
-    for prev, m in zip(ranked, ranked[1:]):
-        tie = recall[prev][hardest]["mean"] == recall[m][hardest]["mean"]
-        text += f" {'=' if tie else '>'} {m} ({fmt(recall[m][hardest])})"
-    lines.append(f"- {task}, ratio {hardest}: minority recall ranking {text}.")
-    for a, b in (("ba-lora", "pissa"), ("ba-lora", "lora"), ("pissa", "lora")):
-        if a in methods and b in methods and recall[a][hardest]["n"] and recall[b][hardest]["n"]:
-            diff = recall[a][hardest]["mean"] - recall[b][hardest]["mean"]
-            spread = spread_words(recall[a][hardest], recall[b][hardest])
-            lines.append(f"  - {a} − {b} at {hardest}: {diff:+.3f}, {spread}.")
-    if {"ba-lora", "pissa", "lora"} <= set(methods):
-        order = [recall[m][hardest] for m in ("ba-lora", "pissa", "lora")]
-        if all(s["n"] for s in order):
-            holds = order[0]["mean"] > order[1]["mean"] > order[2]["mean"]
-            beyond = holds and all(separated(x, y) for x, y in zip(order, order[1:]))
-            lines.append(f"  - The paper's ordering BA-LoRA > PiSSA > LoRA in minority recall at {hardest}: "
-                         + ("reproduced beyond the seed spread." if beyond else
-                            "holds in the means but not beyond the seed spread." if holds else "not reproduced."))
-    return lines
-
-
 def _plot(task: str, table: dict[str, Any], methods: list[str], ratios: list[str], path: Path) -> Path:
     fig, axes = figure(len(METRICS))
     xs = [1 / parse_ratio(r) for r in ratios]  # majority examples per minority example
@@ -139,19 +124,14 @@ def _plot(task: str, table: dict[str, Any], methods: list[str], ratios: list[str
 
 
 def report(spec: LabSpec, ratios: list[Any], methods: list[str], seeds: list[int],
-           specs: dict[str, Any]) -> dict[str, Any]:
+           specs: dict[str, CompareSpec]) -> dict[str, Any]:
     """results.json, README.md and plots from the cells' result.json files."""
-    from balora.experiments.compare import build_cells
-
     labels = [_ratio_label(r) for r in ratios]
     out: dict[str, Any] = {"experiment": "imbalance", "spec": str(spec.path), "ratios": labels,
-                           "methods": methods, "seeds": seeds, "tasks": {}, "finished_at": now()}
+                           "methods": methods, "seeds": seeds, "tasks": {}, "finished_at": now_iso()}
     plots = []
     for task, cspec in specs.items():
-        rows = []
-        for cell in build_cells(cspec):
-            if cell.result_path.is_file():
-                rows.append(cell_row(json.loads(cell.result_path.read_text())))
+        rows = [cell_row(result) for cell in build_cells(cspec) if (result := load_result(cell)) is not None]
         table = tabulate(rows, methods, labels)
         out["tasks"][task] = {"compare_dir": str(cspec.output_dir), "cells": rows, "table": table,
                               "cells_expected": len(ratios) * len(methods) * len(seeds),
@@ -159,23 +139,26 @@ def report(spec: LabSpec, ratios: list[Any], methods: list[str], seeds: list[int
         plots.append(_plot(task, table, methods, labels, spec.output_dir / "plots" / f"imbalance-{task}.png"))
     out["plots"] = [str(p.relative_to(spec.output_dir)) for p in plots]
     write_json(spec.output_dir / "results.json", out)
-    (spec.output_dir / "README.md").write_text(render(spec, out))
+    write_text_atomic(spec.output_dir / "README.md", render(spec, out))
     return out
 
 
 def render(spec: LabSpec, out: dict[str, Any]) -> str:
-    lines = ["# Imbalance: minority recall under a controlled class imbalance", "",
-             f"Question ({PAPER}): when the training split is imbalanced, does BA-LoRA keep recognising the "
-             "minority class better than LoRA and PiSSA?", "",
-             "## Setup", "",
-             f"- Spec: `{spec.path}`; tasks: {', '.join(out['tasks'])}; methods: {', '.join(out['methods'])}; "
-             f"seeds: {', '.join(map(str, out['seeds']))}.",
-             f"- Training split subsampled (seeded by `data.split_seed`) to minority:majority "
-             f"{', '.join(out['ratios'])}: the rare class is the least frequent training label unless "
-             "`data.minority_label` says otherwise; the kept minority examples of a stronger imbalance are a "
-             "subset of those of a milder one. Test and validation are balanced (`data.balance_test`).",
-             "- Everything else (model, rank, steps, batch, learning rate, test set) is the task's run "
-             "configuration, identical across cells. Minority recall = test recall of the class made rare.", ""]
+    """README.md: the setup, per task the class counts and a table per metric, and the pairwise
+    differences of the minority recall at the strongest imbalance."""
+    lines = head_lines(spec, "Imbalance: minority recall under a controlled class imbalance",
+                       "Minority recall, macro-F1 and accuracy of each method when the training split is "
+                       "subsampled to a minority:majority ratio.")
+    lines += ["## Setup", "",
+              f"- Spec: `{spec.path}`; tasks: {', '.join(out['tasks'])}; methods: {', '.join(out['methods'])}; "
+              f"seeds: {', '.join(map(str, out['seeds']))}.",
+              f"- Training split subsampled (seeded by `data.split_seed`) to minority:majority "
+              f"{', '.join(out['ratios'])}: the rare class is the least frequent training label unless "
+              "`data.minority_label` says otherwise; the kept minority examples of a stronger imbalance are a "
+              "subset of those of a milder one. Test and validation are balanced (`data.balance_test`).",
+              "- Everything else (model, rank, steps, batch, learning rate, test set) is the task's run "
+              "configuration, identical across cells. Minority recall = test recall of the class made rare.", ""]
+    hardest = out["ratios"][-1]
     for task, entry in out["tasks"].items():
         lines += [f"## {task}", "",
                   f"{entry['cells_ok']} of {entry['cells_expected']} cells finished "
@@ -190,21 +173,17 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
         for metric, title in METRICS.items():
             rows = [[m] + [fmt(entry["table"][metric][m][r]) for r in out["ratios"]] for m in out["methods"]]
             lines += [f"**{title}**", "", *md_table(["method"] + out["ratios"], rows), ""]
-        lines += [f"![{task}](plots/imbalance-{task}.png)", ""]
-    lines += ["## What reproduced", "",
-              "Rule: two means are separated when their difference exceeds the larger of the two sample stds "
-              "(a heuristic, not a significance test).", ""]
-    for task, entry in out["tasks"].items():
-        lines += _findings(task, entry["table"], out["methods"], out["ratios"])
-    lines += [""] + regenerate_lines("imbalance", spec.path)
+        lines += [f"![{task}](plots/imbalance-{task}.png)", "",
+                  f"**minority recall at {hardest}, differences between methods**", "",
+                  *difference_table({m: entry["table"]["minority_recall"][m][hardest] for m in out["methods"]}),
+                  "", DIFFERENCE_RULE, ""]
+    lines += regenerate_lines("imbalance", spec.path)
     return "\n".join(lines)
 
 
 def run(spec_path: str | Path, *, only_report: bool = False, show_progress: bool = True,
         say: Say = say_print) -> dict[str, Any]:
     """Run (resumably) every task's compare grid, then write the report."""
-    from balora.experiments.compare import run_compare
-
     spec = load_lab_spec(spec_path, "imbalance", KEYS, required=("tasks",))
     ratios, methods, seeds, specs = _setup(spec)
     for task, cspec in specs.items():

@@ -1,0 +1,151 @@
+"""The cells of a comparison: the grid expanded (variants first, then the grid keys in spec order),
+each cell's configuration resolved and checked, its id, its group and its directory."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from balora.core.config import ConfigError
+from balora.experiments.spec import VARIANT_KEY, CompareSpec
+from balora.training.run_config import RunConfig, apply_overrides, coerce_numbers, run_config_from_dict
+from balora.utils import set_path
+
+__all__ = ["Cell", "build_cells", "cell_id", "group_label", "is_seed_key", "short_label"]
+
+CELL_ID_MAX = 100
+
+
+@dataclass
+class Cell:
+    """One run of the grid."""
+
+    id: str
+    grid: dict[str, Any]
+    group: str
+    config: RunConfig
+    dir: Path
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the cell trains (`balora train`'s run directory)."""
+        return self.dir / "run"
+
+    @property
+    def result_path(self) -> Path:
+        """The cell's result.json: present once the cell finished (ok or failed)."""
+        return self.dir / "result.json"
+
+
+def is_seed_key(key: str) -> bool:
+    """Seed keys are averaged over, not grouped by: ``training.seed`` and any key ending in ``seed``."""
+    return key == "training.seed" or key.endswith("seed")
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))  # true/null/numbers/lists as YAML would read them back
+
+
+def cell_id(values: dict[str, Any]) -> str:
+    """``key=value,...`` of a cell's grid values, safe as a directory name."""
+    raw = ",".join(f"{k}={_value_text(v)}" for k, v in values.items()) or "base"
+    safe = re.sub(r"[^A-Za-z0-9._+=,-]", "_", raw)
+    if safe != raw or len(safe) > CELL_ID_MAX:
+        # sanitising or truncating can merge two ids: the hash of the raw text keeps them apart
+        digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
+        safe = f"{safe[:CELL_ID_MAX - 9]}-{digest}"
+    return safe
+
+
+def group_label(values: dict[str, Any]) -> str:
+    """The grid values except the seed keys: ``method=pissa``, or ``all`` without any."""
+    shown = [f"{k}={_value_text(v)}" for k, v in values.items() if not is_seed_key(k)]
+    return ", ".join(shown) or "all"
+
+
+def short_label(label: str) -> str:
+    """A group label for a table row: "method=pissa" -> "pissa", "variant=x" -> "x"."""
+    for prefix in ("method=", "variant="):
+        if label.startswith(prefix) and ", " not in label:
+            return label[len(prefix):]
+    return label
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    if any(not part for part in key.split(".")):
+        raise ConfigError(f"empty key part in {key!r}")
+    try:
+        set_path(data, key, value)
+    except ValueError as error:
+        raise ConfigError(str(error).split(" (")[0]) from None
+
+
+def _resolve(raw: dict[str, Any], values: dict[str, Any], run_dir: Path,
+             variants: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    data = copy.deepcopy(raw)
+    for key, value in values.items():
+        if key == VARIANT_KEY and variants is not None:
+            for path, option in variants[value].items():
+                _set(data, path, option)
+        else:
+            _set(data, key, value)
+    data["output_dir"] = str(run_dir)
+    return run_config_from_dict(data)
+
+
+def build_cells(spec: CompareSpec) -> list[Cell]:
+    """Expand the grid and check every cell's configuration; nothing runs or is written."""
+    try:
+        raw = apply_overrides(copy.deepcopy(spec.base), spec.overrides)
+        _resolve(raw, {}, spec.output_dir)
+    except ConfigError as error:
+        raise ConfigError(f"{spec.source}: base + overrides: {error}") from None
+    grid = {k: [coerce_numbers(v) for v in values] for k, values in spec.grid.items()}
+    variants = {name: {k: coerce_numbers(v) for k, v in opts.items()} for name, opts in spec.variants.items()}
+    if variants:
+        grid = {VARIANT_KEY: list(variants), **grid}
+    # each grid value alone first: a typo is reported against its own key, not a whole cell
+    for key, values in grid.items():
+        for value in values:
+            try:
+                _resolve(raw, {key: value}, spec.output_dir, variants)
+            except ConfigError as error:
+                where = f"variants.{value}" if key == VARIANT_KEY else f"grid key {key!r} = {value!r}"
+                raise ConfigError(f"{spec.source}: {where}: {error}") from None
+    cells: list[Cell] = []
+    seen: dict[str, dict[str, Any]] = {}
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        cid = cell_id(values)
+        if cid in seen:
+            raise ConfigError(f"{spec.source}: grid: cells {seen[cid]} and {values} get the same id {cid!r}")
+        seen[cid] = values
+        cell_dir = spec.output_dir / "cells" / cid
+        try:
+            cfg = _resolve(raw, values, cell_dir / "run", variants)
+        except ConfigError as error:
+            raise ConfigError(f"{spec.source}: cell {cid}: {error}") from None
+        cells.append(Cell(cid, values, group_label(values), cfg, cell_dir))
+    _check_eval_tasks(cells, spec.source)
+    return cells
+
+
+def _check_eval_tasks(cells: list[Cell], source: str) -> None:
+    wanted = sorted({t for c in cells for t in c.config.eval.tasks})
+    if not wanted:
+        return
+    try:  # the harness pulls in the evaluation stack: only imported when a cell asks for tasks
+        from balora.evaluation import harness
+    except ImportError as error:
+        raise ConfigError(f"{source}: eval.tasks {wanted} need balora.evaluation.harness ({error})") from None
+    unknown = [t for t in wanted if t not in harness.TASKS]
+    if unknown:
+        raise ConfigError(f"{source}: eval.tasks: unknown task(s) {unknown}; known: {', '.join(harness.TASKS)}")

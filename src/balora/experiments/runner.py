@@ -1,0 +1,212 @@
+"""Running a comparison: one cell (train, resume, evaluate, measure, retry, write result.json), the
+cells in grid order shared between processes, and `run_compare`, which ends with the summary.
+
+Training goes through `balora.training.run.train_run`, looked up when a cell starts (so a test can
+replace it with ``monkeypatch.setattr``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from balora.core.config import ConfigError
+from balora.experiments.grid import Cell, build_cells
+from balora.experiments.report import Say, say_print, write_summary
+from balora.experiments.spec import CompareSpec, load_spec
+from balora.experiments.store import SCHEMA_VERSION, cell_state, check_stale, claim, release
+from balora.training.run_config import RunConfig
+from balora.utils import current_peak_rss_mb, now_iso, reset_peak_rss, versions, write_json
+
+__all__ = ["CallbackFactory", "run_cell", "run_compare"]
+
+logger = logging.getLogger(__name__)
+
+# a cell's configuration -> extra transformers.TrainerCallback objects for its training
+CallbackFactory = Callable[[RunConfig], Sequence[Any]]
+
+
+# ---------------------------------------------------------------------------- one cell
+def _reset_peak_memory() -> None:
+    if not reset_peak_rss():
+        logger.debug("cannot reset the peak RSS; cell_peak_rss_mb will include earlier cells' peak")
+    import torch  # heavy; a dry run or a summary never gets here
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu_mb() -> float | None:
+    import torch  # heavy; see _reset_peak_memory
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def _train(cell: Cell, callbacks: CallbackFactory | None, show_progress: bool, say: Say) -> dict[str, Any]:
+    """Train the cell, resuming a killed run from its checkpoint; reuse a finished run's metrics."""
+    from balora.training import run as run_module  # torch and transformers: only when a cell trains
+
+    metrics_path = cell.run_dir / "metrics.json"
+    if metrics_path.is_file():  # written last by train_run: training finished, only what follows failed
+        say(f"  training already finished in {cell.run_dir}; reusing its metrics.json")
+        return json.loads(metrics_path.read_text())
+    checkpoint = run_module.latest_checkpoint(cell.run_dir / "checkpoints")
+    if checkpoint is not None:
+        say(f"  resuming from {checkpoint}")
+    extra = {"callbacks": list(callbacks(cell.config))} if callbacks is not None else {}
+    return run_module.train_run(cell.config, resume=checkpoint is not None, show_progress=show_progress, **extra)
+
+
+def _evaluate(cell: Cell, say: Say) -> dict[str, Any]:
+    """The NLG evaluation harness on the run directory, when the config asks for tasks."""
+    ev = cell.config.eval
+    if not ev.tasks:
+        return {}
+    from balora.evaluation.harness import evaluate  # the evaluation stack: only for cells with tasks
+
+    report = evaluate(str(cell.run_dir), list(ev.tasks), limit=ev.limit, batch_size=ev.batch_size,
+                      max_new_tokens=ev.max_new_tokens, progress=lambda m: say(f"  {m}"))
+    return {task: entry.get("metrics", {}) for task, entry in report.get("tasks", {}).items()}
+
+
+def _dir_bytes(path: Path) -> int | None:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else None
+
+
+def _train_tokens(data_stats: dict[str, Any]) -> int | None:
+    tokens = data_stats.get("train_tokens")
+    if not isinstance(tokens, dict):
+        return None
+    return int(tokens.get("prompt_tokens", 0)) + int(tokens.get("response_tokens", 0))
+
+
+def _base_result(cell: Cell) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "cell_id": cell.id, "grid": cell.grid, "group": cell.group,
+            "seed": cell.config.seed, "method": cell.config.method,
+            "status": "failed", "error": None, "attempts": 0, "metrics": {}, "forgetting": None,
+            "trainable_parameters": None, "total_parameters": None, "adapter_bytes": None,
+            "peak_rss_mb": None, "cell_peak_rss_mb": None, "peak_gpu_mb": None, "train_seconds": None,
+            "wall_seconds": None, "global_step": None, "train_tokens": None, "data": {},
+            "run_dir": str(Path("cells") / cell.id / "run"), "config": cell.config.to_dict(), "versions": {},
+            "finished_at": None}
+
+
+def _fill_ok(result: dict[str, Any], cell: Cell, metrics: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    result["metrics"] = {k: metrics[k] for k in ("test", "untuned") if k in metrics}
+    if evaluation:
+        result["metrics"]["eval"] = evaluation
+    result["forgetting"] = evaluation.get("forgetting", {}).get("forgetting")
+    result.update(status="ok", error=None, trainable_parameters=metrics.get("trainable_parameters"),
+                  total_parameters=metrics.get("total_parameters"), adapter_bytes=_dir_bytes(cell.run_dir / "adapter"),
+                  peak_rss_mb=metrics.get("peak_rss_mb"), train_seconds=metrics.get("train_seconds"),
+                  global_step=metrics.get("global_step"), data=metrics.get("data", {}),
+                  train_tokens=_train_tokens(metrics.get("data", {})), versions=metrics.get("versions", {}))
+
+
+def run_cell(cell: Cell, *, retries: int = 1, show_progress: bool = True, callbacks: CallbackFactory | None = None,
+             say: Say = say_print) -> dict[str, Any]:
+    """Train (+ evaluate) one cell, retrying a crash ``retries`` times; writes and returns result.json.
+
+    ``callbacks``: extra Trainer callbacks for the cell's training, made from its configuration."""
+    result = _base_result(cell)
+    started = time.perf_counter()
+    for attempt in range(1, retries + 2):
+        result["attempts"] = attempt
+        _reset_peak_memory()
+        try:
+            metrics = _train(cell, callbacks, show_progress, say)
+            evaluation = _evaluate(cell, say)
+        except Exception as error:  # any crash: retried, then recorded as failed, never dropped
+            result["error"] = {"type": type(error).__name__, "message": str(error),
+                               "traceback": traceback.format_exc()}
+            logger.debug("cell %s attempt %d failed", cell.id, attempt, exc_info=True)
+            say(f"  attempt {attempt} failed: {type(error).__name__}: {error}")
+            continue
+        _fill_ok(result, cell, metrics, evaluation)
+        break
+    result["cell_peak_rss_mb"] = current_peak_rss_mb()
+    result["peak_gpu_mb"] = _peak_gpu_mb()
+    result["wall_seconds"] = time.perf_counter() - started
+    result["finished_at"] = now_iso()
+    if not result["versions"]:
+        result["versions"] = versions()
+    write_json(cell.result_path, result)
+    return result
+
+
+# ---------------------------------------------------------------------------- the schedule
+def _skip(state: str, retry_failed: bool) -> bool:
+    return state == "ok" or (state == "failed" and not retry_failed)
+
+
+def _run_cells(cells: list[Cell], *, retries: int, retry_failed: bool, show_progress: bool,
+               callbacks: CallbackFactory | None, say: Say) -> None:
+    for i, cell in enumerate(cells, 1):
+        state = cell_state(cell)
+        if _skip(state, retry_failed):
+            say(f"[{i}/{len(cells)}] {cell.id}: {state} (result.json exists), skipped")
+            continue
+        owner = claim(cell)
+        if owner is not None:
+            say(f"[{i}/{len(cells)}] {cell.id}: being run by process {owner}, skipped")
+            continue
+        state = cell_state(cell)  # again: another process may have finished it since the first look
+        if _skip(state, retry_failed):
+            release(cell)
+            say(f"[{i}/{len(cells)}] {cell.id}: {state} (finished meanwhile), skipped")
+            continue
+        say(f"[{i}/{len(cells)}] {cell.id} → {cell.run_dir}")
+        try:
+            result = run_cell(cell, retries=retries, show_progress=show_progress, callbacks=callbacks, say=say)
+        finally:
+            release(cell)
+        say(f"[{i}/{len(cells)}] {cell.id}: {result['status']} in {result['wall_seconds']:.0f} s")
+
+
+def _list_cells(spec: CompareSpec, cells: list[Cell], say: Say) -> list[dict[str, Any]]:
+    rows = [{"cell_id": c.id, "group": c.group, "state": cell_state(c), "run_dir": str(c.run_dir)} for c in cells]
+    say(f"{spec.name}: {len(cells)} cells → {spec.output_dir}")
+    for i, row in enumerate(rows, 1):
+        say(f"  [{i}/{len(rows)}] {row['state']:<8} {row['cell_id']}")
+    return rows
+
+
+def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bool = False,
+                only_summary: bool = False, retry_failed: bool = False, show_progress: bool = True,
+                shard: tuple[int, int] | None = None, callbacks: CallbackFactory | None = None,
+                say: Say = say_print) -> dict[str, Any]:
+    """Run the missing cells of a spec, then write the summary; returns summary.json's content.
+
+    ``shard=(i, n)`` runs only the cells at positions i, i + n, i + 2n, ... (1-based): n processes
+    (one per GPU or CPU core) share a grid without ever running the same cell; each writes a
+    summary of what is finished so far, and ``only_summary`` after the last one gives the whole.
+    ``dry_run``: list the cells and their state, run nothing (returns ``{"cells": [...]}``).
+    ``only_summary``: rebuild summary and plots from the existing result.json files.
+    ``callbacks``: extra Trainer callbacks for each cell, made from its configuration.
+    """
+    if retries < 0:
+        raise ConfigError(f"retries: must be >= 0, got {retries}")
+    spec = spec if isinstance(spec, CompareSpec) else load_spec(spec)
+    cells = build_cells(spec)
+    if dry_run:
+        return {"cells": _list_cells(spec, cells, say)}
+    check_stale(cells)
+    if not only_summary:
+        if shard is not None:
+            index, count = shard
+            if not 1 <= index <= count:
+                raise ConfigError(f"--shard {index}/{count}: expected 1 <= I <= N")
+            cells_to_run = cells[index - 1::count]
+        else:
+            cells_to_run = cells
+        _run_cells(cells_to_run, retries=retries, retry_failed=retry_failed, show_progress=show_progress,
+                   callbacks=callbacks, say=say)
+    summary = write_summary(spec, cells, say)
+    c = summary["cells"]
+    say(f"{spec.name}: {c['ok']} ok, {c['failed']} failed, {c['pending']} pending of {c['total']} cells; "
+        f"summary: {spec.output_dir / 'summary.md'}")
+    return summary

@@ -1,0 +1,295 @@
+"""Experiment specs: one reader for `balora compare` (`CompareSpec`) and `balora lab` (`LabSpec`).
+
+`Fields` gives typed access to a spec mapping; every error names the spec file and the key path
+(``spec.yaml: ratios[1]: ...``), so a typo is found before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from balora.core.config import ConfigError
+from balora.training.run_config import parse_override, preset_path, read_yaml
+
+__all__ = ["CompareSpec", "Fields", "LabSpec", "load_lab_spec", "load_spec", "read_spec_file", "spec_from_dict"]
+
+Kind = type | tuple[type, ...]
+
+SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "variants", "overrides", "metrics",
+             "lower_is_better")
+LAB_KEYS = ("experiment", "name", "output_dir", "paper")  # every lab spec may set these
+VARIANT_KEY = "variant"
+DEFAULT_LOWER_IS_BETTER = ["loss", "perplexity", "cross_entropy", "forgetting", "train_seconds",
+                           "wall_seconds"]
+
+
+def _kind_name(kind: Kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true/false",
+                        dict: "a mapping", list: "a list"}.get(k, k.__name__) for k in kinds)
+
+
+def _is_kind(value: Any, kind: Kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:  # YAML's true is no integer here
+        return False
+    return isinstance(value, kind)
+
+
+@dataclass
+class Fields:
+    """A spec mapping with checked, typed access; ``prefix`` is its key path inside the spec file.
+
+    An absent key and an explicit ``null`` both mean "use the default"."""
+
+    data: dict[str, Any]
+    source: str
+    prefix: str = ""
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError that names the spec and the key."""
+        return ConfigError(f"{self.source}: {self.prefix}{key}: {message}")
+
+    def check_keys(self, known: Sequence[str], what: str = "unknown key") -> None:
+        """Every key is one of ``known``."""
+        for key in self.data:
+            if key not in known:
+                raise self.error(key, f"{what}; known: {', '.join(known)}")
+
+    def value(self, key: str, kind: Kind, default: Any = None) -> Any:
+        """``data[key]`` checked against ``kind``; ``default`` when absent (None: optional)."""
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not _is_kind(value, kind):
+            raise self.error(key, f"expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def list_of(self, key: str, kind: Kind, default: list[Any] | None = None, *,
+                nonempty: bool = True) -> list[Any]:
+        """``data[key]`` as a list of ``kind``; required when there is no default."""
+        value = self.data.get(key)
+        if value is None:
+            value = default
+        if value is None:
+            raise self.error(key, "required")
+        if not isinstance(value, list) or (nonempty and not value):
+            raise self.error(key, f"expected a {'non-empty ' if nonempty else ''}list, got {value!r}")
+        for i, item in enumerate(value):
+            if not _is_kind(item, kind):
+                raise self.error(f"{key}[{i}]", f"expected {_kind_name(kind)}, got {item!r}")
+        return list(value)
+
+    def mapping(self, key: str, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``data[key]`` as a mapping; required when there is no default."""
+        value = self.data.get(key)
+        if value is None:
+            value = default
+        if value is None:
+            raise self.error(key, "required")
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+
+    def section(self, key: str, known: Sequence[str] | None = None,
+                default: dict[str, Any] | None = None) -> Fields:
+        """The mapping under ``key`` as `Fields` (its keys checked against ``known`` when given)."""
+        sub = Fields(self.mapping(key, default), self.source, f"{self.prefix}{key}.")
+        if known is not None:
+            sub.check_keys(known)
+        return sub
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A spec file's mapping ("1e-3" read as a number; a YAML error names the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such spec file")
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the spec must be a mapping, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------- compare
+@dataclass
+class CompareSpec:
+    """A parsed, not yet expanded, comparison spec (format: `balora.experiments.compare`)."""
+
+    name: str
+    base: dict[str, Any]
+    output_dir: Path
+    grid: dict[str, list[Any]]
+    overrides: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    lower_is_better: list[str] = field(default_factory=lambda: list(DEFAULT_LOWER_IS_BETTER))
+    source: str = "<spec>"  # for error messages
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def lower_better(self, metric: str) -> bool:
+        """Whether a lower value of ``metric`` is better (an entry equal to it or ending it)."""
+        return any(metric == e or metric.endswith("." + e) for e in self.lower_is_better)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as summary.json records it."""
+        return {"name": self.name, "output_dir": str(self.output_dir), "grid": self.grid,
+                "variants": self.variants, "overrides": self.overrides, "metrics": self.metrics,
+                "lower_is_better": self.lower_is_better, "base_config": self.base, "source": self.source}
+
+
+def _find_base(name: str, spec_dir: Path | None) -> Path:
+    candidates = [spec_dir / name] if spec_dir is not None else []
+    candidates.append(Path(name))
+    candidates.append(preset_path(Path(name).name))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"base: {name!r} not found (tried {', '.join(str(p) for p in candidates)})")
+
+
+def _base_config(spec: Fields, spec_dir: Path | None) -> dict[str, Any]:
+    data = spec.data
+    if ("base" in data) == ("base_config" in data):
+        raise ConfigError(f"{spec.source}: give exactly one of base (a run config file) and base_config (inline)")
+    if "base_config" in data:
+        if not isinstance(data["base_config"], dict):
+            raise spec.error("base_config", f"expected a mapping, got {type(data['base_config']).__name__}")
+        # a copy: specs built from one mapping (a lab's levels) must not share, and so change, one base
+        return copy.deepcopy(data["base_config"])
+    if not isinstance(data["base"], str):
+        raise spec.error("base", f"expected a file path, got {data['base']!r}")
+    path = _find_base(data["base"], spec_dir)
+    base = read_yaml(path) or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: the run configuration must be a mapping")
+    return base
+
+
+def _grid(spec: Fields) -> dict[str, list[Any]]:
+    grid = spec.data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise spec.error("grid", "expected a mapping of key path -> list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise spec.error(f"grid.{key}", f"expected a non-empty list of values, got {values!r}")
+        if key == "output_dir":
+            raise spec.error("grid.output_dir", "not allowed; each cell trains into <output_dir>/cells/<id>/run")
+    return dict(grid)
+
+
+def _variants(spec: Fields, grid: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
+    variants = spec.data.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise spec.error("variants", "expected a mapping of name -> {key.path: value}")
+    for name, options in variants.items():
+        if not isinstance(options, dict):
+            raise spec.error(f"variants.{name}", f"expected a mapping of key.path: value, got {options!r}")
+        if "output_dir" in options:
+            raise spec.error(f"variants.{name}.output_dir", "not allowed")
+    if variants and VARIANT_KEY in grid:
+        raise spec.error(f"grid.{VARIANT_KEY}", "reserved for the variants axis; name the variants under "
+                                                "`variants:` instead")
+    return {str(k): dict(v) for k, v in variants.items()}
+
+
+def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<spec>",
+                   default_name: str = "compare") -> CompareSpec:
+    """Check a spec mapping (unknown keys, types, the base config) and return a `CompareSpec`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the spec must be a mapping, got {type(data).__name__}")
+    spec = Fields(data, source)
+    spec.check_keys(SPEC_KEYS, "unknown spec key")
+    base = _base_config(spec, spec_dir)
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise spec.error("name", f"expected a non-empty string, got {name!r}")
+    grid = _grid(spec)
+    variants = _variants(spec, grid)
+    overrides = spec.list_of("overrides", str, [], nonempty=False)
+    for text in overrides:
+        if parse_override(text)[0] == ["output_dir"]:
+            raise spec.error("overrides", f"{text!r}: set the spec's output_dir instead")
+    output_dir = data.get("output_dir", f"runs/compare-{name}")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise spec.error("output_dir", f"expected a path, got {output_dir!r}")
+    return CompareSpec(name=name, base=base, output_dir=Path(output_dir), grid=grid, overrides=overrides,
+                       metrics=spec.list_of("metrics", str, [], nonempty=False),
+                       lower_is_better=spec.list_of("lower_is_better", str, DEFAULT_LOWER_IS_BETTER, nonempty=False),
+                       source=source, variants=variants)
+
+
+def load_spec(path: str | Path) -> CompareSpec:
+    """Read and check a comparison spec file."""
+    path = Path(path)
+    return spec_from_dict(read_spec_file(path), spec_dir=path.parent, source=str(path), default_name=path.stem)
+
+
+# ---------------------------------------------------------------------------- lab
+class LabSpec(Fields):
+    """A checked lab spec: its mapping, the experiment it is for, and where its outputs go."""
+
+    def __init__(self, experiment: str, data: dict[str, Any], path: Path, output_dir: Path) -> None:
+        super().__init__(data, str(path))
+        self.experiment = experiment
+        self.path = path
+        self.output_dir = output_dir
+
+    @property
+    def paper(self) -> str | None:
+        """The optional ``paper:`` text (the reference numbers a report shows next to its own)."""
+        return self.value("paper", str)
+
+    def compare_spec(self, where: str, mapping: Any, *, name: str, output_dir: Path,
+                     grid: dict[str, list[Any]] | None = None, overrides: Sequence[str] = (),
+                     metrics: Sequence[str] = ()) -> CompareSpec:
+        """A `balora compare` spec from the sub-mapping at ``where`` (base/base_config, overrides...);
+        the lab sets name and output_dir and adds its own grid keys and overrides."""
+        if not isinstance(mapping, dict):
+            raise self.error(where, f"expected a mapping (a compare spec: base or base_config, overrides...), "
+                                    f"got {mapping!r}")
+        for key in ("name", "output_dir"):
+            if key in mapping:
+                raise self.error(f"{where}.{key}", "set by the lab (the spec's output_dir); remove it")
+        data = dict(mapping)
+        if grid:
+            clash = [k for k in grid if k in (data.get("grid") or {})]
+            if clash:
+                raise self.error(f"{where}.grid.{clash[0]}", "set by the lab spec's own keys; remove it here")
+            data["grid"] = {**grid, **(data.get("grid") or {})}
+        data["overrides"] = list(overrides) + list(data.get("overrides") or [])
+        if metrics and "metrics" not in data:
+            data["metrics"] = list(metrics)
+        data.update(name=name, output_dir=str(output_dir))
+        try:
+            return spec_from_dict(data, spec_dir=self.path.parent, source=f"{self.path}: {where}", default_name=name)
+        except ConfigError as error:
+            message = str(error)
+            if not message.startswith(str(self.path)):  # e.g. a base file's own error: say which key led there
+                message = f"{self.path}: {where}: {message}"
+            raise ConfigError(message) from None
+
+
+def load_lab_spec(path: str | Path, experiment: str, known: Sequence[str], required: Sequence[str] = ()) -> LabSpec:
+    """Read a lab spec; unknown or missing keys and an ``experiment:`` naming another lab are errors.
+
+    ``output_dir`` defaults to ``runs/lab-<experiment>`` (relative to the current directory)."""
+    path = Path(path)
+    data = read_spec_file(path)
+    named = data.get("experiment", experiment)  # first: a wrong spec has "unknown" keys too
+    if named != experiment:
+        raise ConfigError(f"{path}: experiment: this spec is for {named!r}; run it with `balora lab {named} {path}`")
+    fields = Fields(data, str(path))
+    fields.check_keys((*LAB_KEYS, *known), f"unknown key for `balora lab {experiment}`")
+    for key in required:
+        if data.get(key) is None:
+            raise fields.error(key, "required")
+    output_dir = data.get("output_dir", f"runs/lab-{experiment}")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise fields.error("output_dir", f"expected a path, got {output_dir!r}")
+    spec = LabSpec(experiment, data, path, Path(output_dir))
+    spec.value("paper", str)  # checked now, not when the report is written
+    return spec

@@ -1,0 +1,127 @@
+"""What a comparison keeps on disk, read back: each cell's state and result.json, the check that a
+stored cell was made with the configuration the spec asks for now, and the pid claims through which
+several processes share one grid."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from balora.core.config import ConfigError
+from balora.experiments.grid import Cell
+from balora.training.run_config import run_config_from_dict
+
+__all__ = ["SCHEMA_VERSION", "cell_state", "check_stale", "claim", "load_result", "release"]
+
+SCHEMA_VERSION = 1  # of result.json and summary.json
+
+
+# ---------------------------------------------------------------------------- results
+def cell_state(cell: Cell) -> str:
+    """``ok`` / ``failed`` (result.json), ``partial`` (a run directory, no result), ``pending``."""
+    if cell.result_path.is_file():
+        return str(json.loads(cell.result_path.read_text()).get("status", "failed"))
+    return "partial" if cell.run_dir.exists() else "pending"
+
+
+def load_result(cell: Cell) -> dict[str, Any] | None:
+    """The cell's result.json, or None before it finished."""
+    return json.loads(cell.result_path.read_text()) if cell.result_path.is_file() else None
+
+
+# ---------------------------------------------------------------------------- stale check
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    # output_dir is where the cell lives, not what it trained; JSON round trip: tuples vs lists
+    return json.loads(json.dumps({k: v for k, v in config.items() if k != "output_dir"}, default=str))
+
+
+def _diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += _diff_paths(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _stored_config(cell: Cell) -> dict[str, Any] | None:
+    if cell.result_path.is_file():
+        return json.loads(cell.result_path.read_text()).get("config")
+    if (cell.run_dir / "config.yaml").is_file():
+        return yaml.safe_load((cell.run_dir / "config.yaml").read_text())
+    return None
+
+
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration read by the current code: an option added since then (with its default
+    value) is not a difference. One that no longer parses is compared as stored."""
+    try:
+        return run_config_from_dict(copy.deepcopy(stored)).to_dict()
+    except ConfigError:
+        return stored
+
+
+def check_stale(cells: list[Cell]) -> None:
+    """Refuse to mix results: a stored cell made with another configuration is an error."""
+    for cell in cells:
+        stored = _stored_config(cell)
+        if stored is None:
+            continue
+        diffs = _diff_paths(_comparable(_with_defaults(stored)), _comparable(cell.config.to_dict()))
+        if diffs:
+            raise ConfigError(f"cell {cell.id}: {cell.dir} was made with another configuration "
+                              f"({'; '.join(diffs[:5])}); delete that directory to redo the cell, or "
+                              "choose another output_dir")
+
+
+# ---------------------------------------------------------------------------- claims
+def _claim_path(cell: Cell) -> Path:
+    return cell.dir / "running.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim(cell: Cell) -> int | None:
+    """Mark ``cell`` as run by this process; returns the pid of another live process that holds it.
+
+    Several ``balora compare`` processes can then share one grid (one per GPU or core) and each cell
+    runs once. The claim is a pid file created atomically (O_EXCL); one left by a dead process
+    (killed, crashed machine) is taken over, so a kill never blocks a cell. Assumes the processes
+    share one machine (pids are local).
+    """
+    path = _claim_path(cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = path.read_text().strip() if path.exists() else ""
+            owner = int(text) if text.isdigit() else None
+            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                return owner
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return None
+    raise RuntimeError(f"{path}: could not claim the cell (another process keeps re-creating the claim)")
+
+
+def release(cell: Cell) -> None:
+    """Remove this process's claim on ``cell``."""
+    path = _claim_path(cell)
+    if path.exists() and path.read_text().strip() == str(os.getpid()):
+        path.unlink()

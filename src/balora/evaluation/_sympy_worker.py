@@ -22,6 +22,7 @@ def _cap_memory(limit_bytes: int = 2 << 30) -> None:
 
 def main() -> None:
     _cap_memory()
+    # after the cap, so that sympy's own import counts against it too
     import sympy
     from sympy.parsing.sympy_parser import (
         convert_xor,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from balora.assets import resolve
 from balora.core.config import ConfigError
 from balora.experiments.report import Say, say_print
 from balora.training.data import sorted_labels
@@ -67,8 +68,6 @@ def full_finetune(model_name: str, texts: Sequence[str], labels: Sequence[int], 
     differ only in ``labels`` see identical batches. The caller's torch RNG is left untouched."""
     import torch  # heavy: only stage 1 trains here
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from balora.assets import resolve
 
     if len(texts) != len(labels) or (pairs is not None and len(pairs) != len(texts)):
         raise ValueError("texts, pairs and labels must have the same length")

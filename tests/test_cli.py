@@ -125,12 +125,20 @@ def tiny_nlu_run(tmp_path):
 
 def test_train_writes_artefacts_info_export_and_resume(tiny_nlu_run, capsys):
     config, run = tiny_nlu_run
-    assert main(["train", str(config), "--no-progress"]) == 0
+    assert main(["train", str(config), "eval.before_training=true", "--no-progress"]) == 0
     for name in ("config.yaml", "adapter/adapter_model.safetensors", "adapter/balora_adapter.json",
                  "lora_converted/adapter_config.json", "label_map.json", "log_history.json", "metrics.json"):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    for split in ("test", "untuned"):  # per-item predictions: accuracy recomputed from them
+        pred = json.loads((run / "predictions" / f"{split}.json").read_text())
+        assert pred["labels"] == ["neg", "pos"] and len(pred["label"]) == len(pred["predicted"]) == 12
+        assert len(pred["logits"]) == 12 and all(len(row) == 2 for row in pred["logits"])
+        assert all(pred["labels"][max(range(2), key=row.__getitem__)] == p
+                   for row, p in zip(pred["logits"], pred["predicted"]))
+        correct = sum(t == p for t, p in zip(pred["label"], pred["predicted"])) / 12
+        assert correct == pytest.approx(metrics[split]["accuracy"])
     assert metrics["data"]["test"] == 12 and json.loads((run / "label_map.json").read_text()) == {"neg": 0, "pos": 1}
     logged = json.loads((run / "log_history.json").read_text())
     assert any("balora/consistency" in r for r in logged)

@@ -1,5 +1,5 @@
 """`balora compare`: a grid of tiny runs, resumption after a kill, retries and failed cells, the
-summary's mean ± std, fail-fast spec errors, and the NLG evaluation hook."""
+summary's mean ± std, fail-fast spec errors, the NLG evaluation hook, and the paired differences per seed."""
 
 import argparse
 import json
@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import make_tiny_bert, make_word_tokenizer
@@ -15,8 +16,10 @@ from conftest import make_tiny_bert, make_word_tokenizer
 from balora.cli import main
 from balora.core.config import BALoraConfig, ConfigError
 from balora.experiments.compare import load_spec, run_compare
+from balora.experiments.paired import VERDICT_RULE, paired_item_bootstrap, paired_seed_differences
 from balora.training import run as run_module
 from balora.training.run_config import dump_run_config
+from balora.utils import write_json
 
 RESULT_KEYS = {"schema_version", "cell_id", "grid", "group", "seed", "method", "status", "error", "attempts",
                "metrics", "forgetting", "trainable_parameters", "total_parameters", "adapter_bytes",
@@ -91,6 +94,11 @@ def test_grid_runs_resumes_after_a_kill_and_summarises(tmp_path, tiny_assets, mo
     assert r["global_step"] == 2 and r["config"]["training"]["max_steps"] == 2
     assert r["adapter_bytes"] > 0 and r["trainable_parameters"] > 0 and r["peak_rss_mb"] > 0
     assert 0 <= r["metrics"]["test"]["accuracy"] <= 1
+    pred = json.loads((out / "cells" / "method=ba-lora,training.seed=2" / "run" / "predictions" / "test.json").read_text())
+    assert len(pred["label"]) == len(pred["predicted"]) == len(pred["logits"]) == 10
+    # the default pair (ba-lora, lora), bootstrapped over the 10 test items of train_run's predictions
+    [pair] = summary["paired"]
+    assert (pair["a"], pair["b"], pair["n"], pair["bootstrap_items"]) == ("method=ba-lora", "method=lora", 2, 10)
 
     md = (out / "summary.md").read_text()
     for method in ("lora", "ba-lora"):
@@ -247,6 +255,139 @@ def test_spec_errors(tmp_path, tiny_assets):
     spec = write_spec(tmp_path, tiny_assets, base="nowhere.yaml")
     with pytest.raises(ConfigError, match=r"base: 'nowhere.yaml' not found"):
         load_spec(spec)
+
+
+# ---------------------------------------------------------------- paired statistics
+ITEMS = 300
+ITEM_LABELS = ["pos" if (i * 7) % 5 < 2 else "neg" for i in range(ITEMS)]
+
+
+def item_correct(method: str, seed: int) -> np.ndarray:
+    """Which test items a fake run gets right: ba-lora ~85 %, lora ~70 %; dora is lora with 10 items
+    flipped each way (a tie on average)."""
+    rng = np.random.default_rng(seed)
+    lora = rng.random(ITEMS) < 0.70
+    if method == "lora":
+        return lora
+    if method == "dora":
+        dora = lora.copy()
+        right, wrong = np.flatnonzero(lora), np.flatnonzero(~lora)
+        dora[rng.choice(right, 10, replace=False)] = False
+        dora[rng.choice(wrong, 10 + seed % 2, replace=False)] = True
+        return dora
+    return np.random.default_rng(100 + seed).random(ITEMS) < 0.85
+
+
+def fake_train_with_predictions(calls: list):
+    """Like train_run: metrics.json and predictions/test.json, the accuracy being that of the predictions."""
+
+    def train(cfg, *, resume=False, show_progress=True):
+        run = Path(cfg.output_dir)
+        calls.append(run.parent.name)
+        run.mkdir(parents=True, exist_ok=True)
+        dump_run_config(cfg, run / "config.yaml")
+        correct = item_correct(cfg.method, cfg.training["seed"])
+        flip = {"pos": "neg", "neg": "pos"}
+        predicted = [lab if ok else flip[lab] for lab, ok in zip(ITEM_LABELS, correct)]
+        write_json(run / "predictions" / "test.json",
+                   {"labels": ["neg", "pos"], "label": ITEM_LABELS, "predicted": predicted,
+                    "logits": [[0.0, 1.0] if p == "pos" else [1.0, 0.0] for p in predicted]})
+        metrics = {"method": cfg.method, "global_step": 2, "train_seconds": 1.0, "peak_rss_mb": 500.0,
+                   "test": {"accuracy": float(correct.mean()), "mcc": 0.1}, "versions": {"balora": "test"}}
+        write_json(run / "metrics.json", metrics)
+        return metrics
+
+    return train
+
+
+def test_paired_differences_per_seed_give_the_verdict(tmp_path, tiny_assets, use_train):
+    spec = write_spec(tmp_path, tiny_assets, paired={"pairs": [["ba-lora", "lora"], ["dora", "method=lora"]],
+                                                      "bootstrap": 500})
+    data = yaml.safe_load(spec.read_text())
+    data["grid"] = {"method": ["lora", "dora", "ba-lora"], "training.seed": [1, 2, 3]}
+    spec.write_text(yaml.safe_dump(data))
+    calls: list = []
+    use_train(fake_train_with_predictions(calls))
+    summary = run_compare(spec, say=lambda m: None)
+    assert len(calls) == 9
+
+    win, tie = summary["paired"]
+    acc = {(m, s): item_correct(m, s).mean() for m in ("lora", "dora", "ba-lora") for s in (1, 2, 3)}
+    assert (win["a"], win["b"], win["metric"], win["n"]) == ("method=ba-lora", "method=lora", "test.accuracy", 3)
+    assert win["diffs"] == {str(s): pytest.approx(acc["ba-lora", s] - acc["lora", s]) for s in (1, 2, 3)}
+    d = paired_seed_differences({s: acc["ba-lora", s] for s in (1, 2, 3)}, {s: acc["lora", s] for s in (1, 2, 3)})
+    assert win["t_interval"] == pytest.approx([d["t_low"], d["t_high"]])
+    boot = paired_item_bootstrap({s: item_correct("ba-lora", s).astype(float) for s in (1, 2, 3)},
+                                 {s: item_correct("lora", s).astype(float) for s in (1, 2, 3)}, samples=500)
+    assert win["bootstrap"] == pytest.approx(list(boot)) and win["bootstrap_items"] == ITEMS
+    assert win["t_interval"][0] > 0 and win["bootstrap"][0] > 0 and win["verdict"] == "beats"
+    assert (win["positive"], win["negative"]) == (3, 0)
+    assert (tie["a"], tie["b"]) == ("method=dora", "method=lora") and tie["verdict"] == "inconclusive"
+    assert tie["bootstrap"][0] < 0 < tie["bootstrap"][1]
+
+    md = (tmp_path / "out" / "summary.md").read_text()
+    section = md[md.index("## Paired differences (per seed)"):]
+    assert VERDICT_RULE in section
+    mean = 100 * d["mean"]
+    row = (f"| ba-lora vs lora | test.accuracy ↑ | 3 | {mean:+.2f} pts | [{100 * d['t_low']:+.2f}, "
+           f"{100 * d['t_high']:+.2f}] | [{100 * boot[0]:+.2f}, {100 * boot[1]:+.2f}] (500 × 300 items) | 3/0 | "
+           f"**ba-lora beats lora** |")
+    assert row in section, section
+    assert "| dora vs lora | test.accuracy ↑ | 3 |" in section and section.count("| inconclusive |") == 1
+    assert md.index("## Paired differences") < md.index("Total compute")
+
+    # without per-item scores, the t interval decides alone and the summary says so
+    for run in (tmp_path / "out" / "cells").glob("method=lora,*/run"):
+        (run / "predictions" / "test.json").unlink()
+    summary = run_compare(spec, only_summary=True, say=lambda m: None)
+    win = summary["paired"][0]
+    assert win["bootstrap"] is None and "no per-item scores" in win["bootstrap_note"] and win["verdict"] == "beats"
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| 3/0 | **ba-lora beats lora** |" in md
+    assert ("- ba-lora vs lora: no bootstrap (no per-item scores: no "
+            "cells/method=lora,training.seed=1/run/predictions/test.json)") in md
+
+    # the default pairs: (ba-lora, lora) among these methods; and no pairs, no section
+    data.pop("paired")
+    spec.write_text(yaml.safe_dump(data))
+    summary = run_compare(spec, only_summary=True, say=lambda m: None)
+    assert [(p["a"], p["b"]) for p in summary["paired"]] == [("method=ba-lora", "method=lora")]
+    data["grid"] = {"method": ["lora", "dora"], "training.seed": [1, 2, 3]}
+    spec.write_text(yaml.safe_dump(data))
+    summary = run_compare(spec, only_summary=True, say=lambda m: None)
+    assert summary["paired"] == [] and "Paired differences" not in (tmp_path / "out" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("paired,message", [
+    ({"pairs": [["ba-lora", "qlora"]]},
+     r"spec.yaml: paired.pairs\[0\]: 'qlora' names no group \(nor a value of one grid axis\); known groups: "
+     r"method=lora; method=ba-lora"),
+    ({"pairs": [["ba-lora", "lora"], ["lora"]]}, r"spec.yaml: paired.pairs\[1\]: expected \[A, B\]"),
+    ({"pairs": [["ba-lora", "lora"]], "reference": "lora"}, r"paired.reference: give pairs or reference, not both"),
+    ({"reference": "dora"}, r"spec.yaml: paired.reference: 'dora' is not one of the methods: lora, ba-lora"),
+    ({"bootstrap": -1}, r"paired.bootstrap: expected a number of replicates >= 0"),
+    ({"metric": 3}, r"paired.metric: expected a string, got 3"),
+    ({"pair": [["a", "b"]]}, r"spec.yaml: paired.pair: unknown key; known: pairs, metric, bootstrap, reference"),
+])
+def test_paired_spec_errors(tmp_path, tiny_assets, paired, message):
+    spec = write_spec(tmp_path, tiny_assets, paired=paired)
+    with pytest.raises(ConfigError, match=message):
+        run_compare(spec, dry_run=True, say=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_paired_reference_compares_each_variant_with_it(tmp_path, tiny_assets):
+    from balora.experiments.compare import build_cells
+    from balora.experiments.grid import paired_groups
+
+    spec = write_spec(tmp_path, tiny_assets, variants={"all": {}, "cr-only": {"balora.lambda_diversity": 0}},
+                      paired={"reference": "all"})
+    loaded = load_spec(spec)
+    assert loaded.paired.reference == "all" and loaded.paired.bootstrap == 2000 and loaded.paired.pairs is None
+    # per method (the other non-seed axis); a reference replaces the default method pairs
+    assert paired_groups(loaded, build_cells(loaded)) == [
+        ("variant=cr-only, method=lora", "variant=all, method=lora"),
+        ("variant=cr-only, method=ba-lora", "variant=all, method=ba-lora")]
 
 
 def test_command_dry_run_lists_cells(tmp_path, tiny_assets, capsys):

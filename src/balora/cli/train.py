@@ -16,7 +16,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     metrics = train_run(cfg, resume=args.resume, show_progress=not args.no_progress)
-    print(json.dumps({k: metrics[k] for k in ("method", "global_step", "train_seconds", "test") if k in metrics},
+    print(json.dumps({k: metrics[k] for k in ("method", "global_step", "train_seconds", "validation", "test")
+                      if k in metrics},
                      indent=2, default=str))
     print(f"artefacts: {Path(cfg.output_dir).resolve()}")
     return 0
@@ -68,7 +69,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         metrics = json.loads((run / "metrics.json").read_text())
         print(f"  steps {metrics.get('global_step')}  train {metrics.get('train_seconds', 0):.0f} s  "
               f"peak RSS {metrics.get('peak_rss_mb', 0):.0f} MB")
-        for split in ("untuned", "test"):
+        for split in ("untuned", "validation", "test"):
             if split in metrics:
                 shown = {k: v for k, v in metrics[split].items() if isinstance(v, (int, float))}
                 print(f"  {split}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))

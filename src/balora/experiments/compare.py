@@ -19,6 +19,25 @@ SPEC format
     variants:                                      # optional: named sets of options, one grid axis
       cr-only: {balora.lambda_diversity: 0, balora.lambda_svd: 0}
       dr-only: {balora.lambda_consistency: 0, balora.lambda_svd: 0}
+    selection:                                     # optional: tune each group on the validation split first
+      metric: validation.accuracy                  # must be a validation.* metric
+      seeds: [1]                                   # default: the grid's first training.seed
+      search:                                      # per method, or `all` for the methods not named
+        all: {training.learning_rate: [2e-4, 5e-4, 1e-3, 2e-3]}
+        dora: {training.learning_rate: [1e-3, 2e-3, 5e-3]}
+    paired:                                        # optional: groups compared seed by seed (below)
+      pairs: [[ba-lora, pissa], [ba-lora, lora], [pissa, lora]]  # group labels, or values of one grid axis
+      metric: test.accuracy                        # default: the spec's first metric
+      bootstrap: 2000                              # item-bootstrap replicates; 0: the t interval only
+      # reference: cr-only                         # instead of pairs: every other variant (or method) vs it
+
+``selection`` (`balora.experiments.selection`): before the grid, every group (the non-seed grid values,
+e.g. one method) trains each candidate of its search space on the selection seeds with
+``eval.validation: true, eval.test: false`` — the validation split (carved from the training data by
+``data.split_seed``; the run config must have one) is read, the test split is not. The best mean
+validation metric wins (ties: the candidate listed first); the grid's cells of that group then run
+with it. The search cells live in ``<output_dir>/selection/cells/``, resume and shard like the grid's;
+the choice is in ``selection/selection.json`` and the summary (a table and ``plots/selection.png``).
 
 ``variants`` is for rows that are not a cartesian product (an ablation: each term alone). It adds a
 grid axis named ``variant``, placed first, whose values are the variant names; a cell applies its
@@ -40,6 +59,7 @@ Layout and resumption
     <output_dir>/cells/<id>/result.json   one per finished cell (ok or failed), written atomically
     <output_dir>/cells/<id>/run/          the run directory of `balora train`
     <output_dir>/summary.md, summary.json, plots/{metrics,curves,cost}.png
+    <output_dir>/selection/cells/<id>/, selection/selection.json   with a selection block
 
 Several processes may share one spec (one per GPU or core; or ``--shard I/N``): a process claims a
 cell by creating ``cells/<id>/running.pid`` atomically and skips cells claimed by a live process.
@@ -65,7 +85,8 @@ keys instead of mixing results of two configurations.
     status                "ok" | "failed"
     error                 null | {"type", "message", "traceback"} of the last attempt
     attempts              attempts made by the invocation that wrote this file
-    metrics               {"test": {...}, "untuned": {...} (eval.before_training), "eval": {task: {...}}}
+    metrics               {"validation": {...} (eval.validation), "test": {...}, "untuned": {...}
+                          (eval.before_training), "eval": {task: {...}}}
     forgetting            eval.forgetting.forgetting = CE(tuned) - CE(base), or null
     trainable_parameters  int | null;  total_parameters: int | null
     adapter_bytes         bytes under run/adapter/, or null
@@ -95,11 +116,27 @@ separated *beyond the seed spread* when the difference of the means is larger th
 two standard deviations; with fewer than 2 values on either side the comparison is undetermined. This
 is a heuristic that flags differences the seeds alone do not explain, not a significance test.
 
+Paired differences (`balora.experiments.paired`): cells with the same seed share data order, head
+and adapter initialisation, so each pair of ``paired:`` (A, B) is compared per seed: Δ = A − B on
+``paired.metric`` for every seed both have, its mean, a 95 % t interval over the seeds (mean ±
+t(0.975, n − 1)·sd/√n) and a 95 % paired bootstrap over the test items (``bootstrap`` replicates; each
+resamples the item indices once for every seed; per-item scores from ``run/predictions/test.json`` for
+``test.accuracy``, ``run/eval/records/<task>.jsonl`` for ``eval.<task>.accuracy``). The rule: A beats
+B only when both 95 % intervals (t over seeds, paired bootstrap over test items) exclude 0 on the
+positive side; 'is beaten by' when both exclude it on the negative side; otherwise inconclusive (sides
+swapped for a lower-is-better metric; without per-item scores the t interval decides alone and the
+summary says ``bootstrap: null``). A name in ``pairs`` is a group label (``method=pissa``) or a value
+of one grid axis (``pissa``): with other non-seed axes, A and B are paired per value of those (e.g.
+per task); a name matching no group is an error before anything runs. Without ``pairs``: with
+``reference``, every other variant (no variants: method) against it; else (ba-lora, pissa), (ba-lora,
+lora), (pissa, lora) among the methods of a ``method`` grid axis; else no pairs (and no section).
+
 Modules
 -------
 `balora.experiments.spec` (reading and checking the spec), `.grid` (the cells), `.store` (result.json,
 the stale check, pid claims), `.runner` (running cells, `run_compare`), `.stats` (mean ± std, the
-seed-spread rule), `.report` (summary.json, summary.md), `.plots` (PNG plots). This module documents
+seed-spread rule), `.paired` (paired differences per seed, the verdict rule), `.report` (summary.json,
+summary.md), `.plots` (PNG plots). This module documents
 the format and re-exports the names callers use.
 """
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from balora.core.config import ConfigError
+from balora.experiments.paired import resolve_pairs
 from balora.experiments.spec import VARIANT_KEY, CompareSpec
 from balora.training.run_config import RunConfig, apply_overrides, coerce_numbers, run_config_from_dict
 from balora.utils import set_path
 
-__all__ = ["Cell", "build_cells", "cell_id", "group_label", "is_seed_key", "short_label"]
+__all__ = ["Cell", "base_options", "build_cells", "cell_id", "expanded_grid", "group_label", "group_values",
+           "is_seed_key", "paired_groups", "resolve_cell", "short_label"]
 
 CELL_ID_MAX = 100
 
@@ -71,6 +73,20 @@ def group_label(values: dict[str, Any]) -> str:
     return ", ".join(shown) or "all"
 
 
+def group_values(cells: list[Cell]) -> dict[str, dict[str, str]]:
+    """Each group's label -> its grid values except the seed keys, as text (the names of ``paired:``)."""
+    return {c.group: {k: _value_text(v) for k, v in c.grid.items() if not is_seed_key(k)} for c in cells}
+
+
+def paired_groups(spec: CompareSpec, cells: list[Cell]) -> list[tuple[str, str]]:
+    """The (A, B) group labels the spec's ``paired:`` block compares (`balora.experiments.paired`)."""
+    try:
+        return resolve_pairs(spec.paired.pairs, group_values(cells), reference=spec.paired.reference,
+                             variant_axis=VARIANT_KEY)
+    except ValueError as error:
+        raise ConfigError(f"{spec.source}: paired.{error}") from None
+
+
 def short_label(label: str) -> str:
     """A group label for a table row: "method=pissa" -> "pissa", "variant=x" -> "x"."""
     for prefix in ("method=", "variant="):
@@ -101,17 +117,39 @@ def _resolve(raw: dict[str, Any], values: dict[str, Any], run_dir: Path,
     return run_config_from_dict(data)
 
 
-def build_cells(spec: CompareSpec) -> list[Cell]:
-    """Expand the grid and check every cell's configuration; nothing runs or is written."""
+def base_options(spec: CompareSpec) -> dict[str, Any]:
+    """The spec's base configuration with its overrides applied, checked (not yet a cell)."""
     try:
         raw = apply_overrides(copy.deepcopy(spec.base), spec.overrides)
         _resolve(raw, {}, spec.output_dir)
     except ConfigError as error:
         raise ConfigError(f"{spec.source}: base + overrides: {error}") from None
+    return raw
+
+
+def expanded_grid(spec: CompareSpec) -> tuple[dict[str, list[Any]], dict[str, dict[str, Any]]]:
+    """The grid axes (the variants axis first, if any) and the variants' options, numbers coerced."""
     grid = {k: [coerce_numbers(v) for v in values] for k, values in spec.grid.items()}
     variants = {name: {k: coerce_numbers(v) for k, v in opts.items()} for name, opts in spec.variants.items()}
     if variants:
         grid = {VARIANT_KEY: list(variants), **grid}
+    return grid, variants
+
+
+def resolve_cell(spec: CompareSpec, raw: dict[str, Any], values: dict[str, Any], cell_dir: Path,
+                 extra: dict[str, Any] | None = None) -> RunConfig:
+    """A cell's configuration: base → overrides → variant → grid values → ``extra`` (a selected value)."""
+    _, variants = expanded_grid(spec)
+    return _resolve(raw, {**values, **(extra or {})}, cell_dir / "run", variants)
+
+
+def build_cells(spec: CompareSpec, choices: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+    """Expand the grid and check every cell's configuration; nothing runs or is written.
+
+    ``choices`` maps a group label to option values picked by model selection (`balora.experiments.
+    selection`); they are applied after the grid values and do not change the cell ids."""
+    raw = base_options(spec)
+    grid, variants = expanded_grid(spec)
     # each grid value alone first: a typo is reported against its own key, not a whole cell
     for key, values in grid.items():
         for value in values:
@@ -129,12 +167,14 @@ def build_cells(spec: CompareSpec) -> list[Cell]:
             raise ConfigError(f"{spec.source}: grid: cells {seen[cid]} and {values} get the same id {cid!r}")
         seen[cid] = values
         cell_dir = spec.output_dir / "cells" / cid
+        choice = (choices or {}).get(group_label(values), {})
         try:
-            cfg = _resolve(raw, values, cell_dir / "run", variants)
+            cfg = _resolve(raw, {**values, **choice}, cell_dir / "run", variants)
         except ConfigError as error:
             raise ConfigError(f"{spec.source}: cell {cid}: {error}") from None
         cells.append(Cell(cid, values, group_label(values), cfg, cell_dir))
     _check_eval_tasks(cells, spec.source)
+    paired_groups(spec, cells)  # a pair naming no group fails here, before anything runs
     return cells
 
 

@@ -5,11 +5,14 @@ group ranked against the best or the runner-up), summary.md and plots/ (summary 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from balora.experiments.grid import Cell, is_seed_key
+from balora.experiments.grid import Cell, is_seed_key, paired_groups, short_label
+from balora.experiments.paired import LOWER_IS_BETTER_NOTE, VERDICT_RULE, compare_pair
+from balora.experiments.selection import plot_selection, render_selection
 from balora.experiments.spec import CompareSpec
 from balora.experiments.stats import lookup, separation, stats
 from balora.experiments.store import SCHEMA_VERSION, load_result
@@ -61,6 +64,39 @@ def _rankings(groups: list[dict[str, Any]], metrics: list[str], spec: CompareSpe
     return out
 
 
+def _seed_label(cell: Cell, result: dict[str, Any]) -> str:
+    """What pairs a cell with its counterpart in another group: its seed keys' values."""
+    keys = [k for k in cell.grid if is_seed_key(k)]
+    if not keys:
+        return str(result.get("seed"))
+    return str(cell.grid[keys[0]]) if len(keys) == 1 else ",".join(f"{k}={cell.grid[k]}" for k in keys)
+
+
+def _paired(spec: CompareSpec, cells: list[Cell], results: dict[str, dict[str, Any]],
+            metrics: list[str]) -> list[dict[str, Any]]:
+    """One entry per pair of the ``paired:`` block: per-seed differences, t and item-bootstrap intervals,
+    verdict (`balora.experiments.paired`)."""
+    metric = spec.paired.metric or (metrics[0] if metrics else None)
+    pairs = paired_groups(spec, cells)
+    if metric is None or not pairs:
+        return []
+    by_group: dict[str, dict[str, tuple[float | None, Path]]] = {}
+    for cell in cells:
+        result = results.get(cell.id)
+        if result is not None and result.get("status") == "ok":
+            by_group.setdefault(cell.group, {})[_seed_label(cell, result)] = (lookup(result, metric), cell.run_dir)
+    entries = []
+    for a, b in pairs:
+        sa, sb = by_group.get(a, {}), by_group.get(b, {})
+        entry = compare_pair({s: v for s, (v, _) in sa.items()}, {s: v for s, (v, _) in sb.items()}, metric=metric,
+                             a_dirs={s: d for s, (_, d) in sa.items()}, b_dirs={s: d for s, (_, d) in sb.items()},
+                             samples=spec.paired.bootstrap, lower_is_better=spec.lower_better(metric))
+        if entry["bootstrap_note"]:  # paths relative to output_dir, like result.json's run_dir
+            entry["bootstrap_note"] = entry["bootstrap_note"].replace(f"{spec.output_dir}{os.sep}", "")
+        entries.append({"a": a, "b": b, **entry})
+    return entries
+
+
 def summarize(spec: CompareSpec, cells: list[Cell], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The numbers of summary.json from the cells' results (``results``: cell id -> result.json)."""
     metrics = spec.metrics or _default_metrics([r for r in results.values() if r.get("status") == "ok"])
@@ -91,6 +127,7 @@ def summarize(spec: CompareSpec, cells: list[Cell], results: dict[str, dict[str,
         "groups": ordered, "verdicts": _rankings(ordered, metrics, spec), "failed_cells": failed,
         "compute_seconds": sum(r.get("wall_seconds") or 0.0 for r in done),
         "train_seconds": sum(r.get("train_seconds") or 0.0 for r in done),
+        "paired": _paired(spec, cells, results, metrics),
         "finished_at": now_iso(),
     }
 
@@ -140,6 +177,43 @@ def _best_labels(summary: dict[str, Any], metric: str) -> set[str]:
     return {e["group"] for e in ranking if e["rank"] == 1 or (e["rank"] > 1 and e["delta"] == 0)}
 
 
+def _signed(x: float, scale: int) -> str:
+    return f"{x * 100:+.2f}" if scale == 100 else (f"{x:+.1f}" if abs(x) >= 100 else f"{x:+.4f}")
+
+
+def _interval(interval: list[float] | None, scale: int) -> str:
+    return "–" if interval is None else f"[{_signed(interval[0], scale)}, {_signed(interval[1], scale)}]"
+
+
+def _paired_section(entries: list[dict[str, Any]]) -> list[str]:
+    """"Paired differences (per seed)": the rule, then a row per pair; nothing without pairs."""
+    if not entries:
+        return []
+    lines = ["", "## Paired differences (per seed)", "", f"Rule: {VERDICT_RULE} {LOWER_IS_BETTER_NOTE}", "",
+             "Δ = A − B on the same seed; mean Δ and intervals in points (×100) for accuracy-like metrics in "
+             "[0, 1]. t interval: mean ± t(0.975, n − 1) · sd / √n over the seeds; bootstrap: the test items "
+             "resampled, one draw for every seed, 2.5 / 97.5 percentiles.", ""]
+    header = ["pair", "metric", "seeds", "mean Δ", "95 % t interval", "95 % bootstrap interval", "seeds +/−",
+              "verdict"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for e in entries:
+        a, b, scale = short_label(e["a"]), short_label(e["b"]), e["scale"]
+        unit = " pts" if scale == 100 else ""
+        mean = "–" if e["mean"] is None else _signed(e["mean"], scale) + unit
+        boot = _interval(e["bootstrap"], scale)
+        if e["bootstrap"] is not None:
+            boot += f" ({e['bootstrap_samples']} × {e['bootstrap_items']} items)"
+        elif e["bootstrap_note"]:
+            notes.append(f"- {a} vs {b}: no bootstrap ({e['bootstrap_note']})")
+        said = {"beats": f"**{a} beats {b}**", "is beaten by": f"**{a} is beaten by {b}**"}
+        row = [f"{a} vs {b}", f"{e['metric']} {'↓' if e['lower_is_better'] else '↑'}", str(e["n"]), mean,
+               _interval(e["t_interval"], scale), boot, f"{e['positive']}/{e['negative']}",
+               said.get(e["verdict"], e["verdict"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + ([""] + notes if notes else [])
+
+
 def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     """summary.md: the table, a line per group against the best or the runner-up, failed and pending
     cells, compute time."""
@@ -167,6 +241,7 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
               "their two sample stds (needs n ≥ 2 on both sides); a heuristic, not a significance test. "
               "The best group is compared with the runner-up, every other group with the best.", ""]
     lines += [_group_line(g["label"], summary) for g in groups]
+    lines += _paired_section(summary.get("paired") or [])
     if summary["failed_cells"]:
         lines += ["", "## Failed cells", ""]
         lines += [f"- {f['cell_id']} ({f['attempts']} attempts): {f['error']} — cells/{f['cell_id']}/result.json"
@@ -174,6 +249,9 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     pending = [cid for g in groups for cid in g["pending"]]
     if pending:
         lines += ["", "## Pending cells (no result.json yet)", "", *(f"- {cid}" for cid in pending)]
+    if summary.get("selection"):
+        plot = next((p for p in plots if Path(p).name == "selection.png"), None)
+        lines += ["", render_selection(summary["selection"], plot).rstrip()]
     lines += ["", f"Total compute: {summary['compute_seconds']:.0f} s of cell wall time "
                   f"({summary['train_seconds']:.0f} s training)."]
     if plots:
@@ -191,10 +269,14 @@ def _group_histories(cells: list[Cell], results: dict[str, dict[str, Any]]) -> d
     return histories
 
 
-def write_summary(spec: CompareSpec, cells: list[Cell], say: Say = say_print) -> dict[str, Any]:
-    """summary.json, summary.md and plots/ from the cells' result.json files."""
+def write_summary(spec: CompareSpec, cells: list[Cell], say: Say = say_print,
+                  selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json, summary.md and plots/ from the cells' result.json files (and the model selection
+    that chose the cells' settings, if any: `balora.experiments.selection.choose`)."""
     results = {c.id: r for c in cells if (r := load_result(c)) is not None}
     summary = summarize(spec, cells, results)
+    if selection is not None:
+        summary["selection"] = selection
     plots: list[str] = []
     try:  # matplotlib is the optional `report` extra: the tables do not need it
         from balora.experiments.plots import make_plots
@@ -202,7 +284,9 @@ def write_summary(spec: CompareSpec, cells: list[Cell], say: Say = say_print) ->
         say(f"plots skipped: {error} (pip install 'balora[report]')")
     else:
         written = make_plots(summary, _group_histories(cells, results), spec.output_dir / "plots")
-        plots = [str(p.relative_to(spec.output_dir)) for p in written]
+        if selection is not None:
+            written.append(plot_selection(selection, spec.output_dir / "plots" / "selection.png"))
+        plots = [str(p.relative_to(spec.output_dir)) for p in written if p is not None]
     summary["plots"] = plots
     write_json(spec.output_dir / "summary.json", summary)
     write_text_atomic(spec.output_dir / "summary.md", render_markdown(summary, plots))

@@ -17,6 +17,7 @@ from typing import Any
 from balora.core.config import ConfigError
 from balora.experiments.grid import Cell, build_cells
 from balora.experiments.report import Say, say_print, write_summary
+from balora.experiments.selection import choose, search_cells, selection_complete, write_selection
 from balora.experiments.spec import CompareSpec, load_spec
 from balora.experiments.store import SCHEMA_VERSION, cell_state, check_stale, claim, release
 from balora.training.run_config import RunConfig
@@ -96,7 +97,7 @@ def _base_result(cell: Cell) -> dict[str, Any]:
 
 
 def _fill_ok(result: dict[str, Any], cell: Cell, metrics: dict[str, Any], evaluation: dict[str, Any]) -> None:
-    result["metrics"] = {k: metrics[k] for k in ("test", "untuned") if k in metrics}
+    result["metrics"] = {k: metrics[k] for k in ("validation", "test", "untuned") if k in metrics}
     if evaluation:
         result["metrics"]["eval"] = evaluation
     result["forgetting"] = evaluation.get("forgetting", {}).get("forgetting")
@@ -167,9 +168,27 @@ def _run_cells(cells: list[Cell], *, retries: int, retry_failed: bool, show_prog
         say(f"[{i}/{len(cells)}] {cell.id}: {result['status']} in {result['wall_seconds']:.0f} s")
 
 
-def _list_cells(spec: CompareSpec, cells: list[Cell], say: Say) -> list[dict[str, Any]]:
+def _shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    return cells if shard is None else cells[shard[0] - 1::shard[1]]
+
+
+def _text(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "(nothing searched)"
+
+
+def _finish_selection(cells: list[Cell], poll_seconds: float, **run: Any) -> None:
+    """Wait until every search cell is finished: run those nobody runs, poll those other processes
+    hold (a shard that is done early waits for the others, then builds the same choice)."""
+    while not selection_complete(cells):
+        _run_cells([c for c in cells if cell_state(c) not in ("ok", "failed")], **run)
+        if not selection_complete(cells):
+            time.sleep(poll_seconds)
+
+
+def _list_cells(spec: CompareSpec, cells: list[Cell], say: Say, what: str = "cells") -> list[dict[str, Any]]:
     rows = [{"cell_id": c.id, "group": c.group, "state": cell_state(c), "run_dir": str(c.run_dir)} for c in cells]
-    say(f"{spec.name}: {len(cells)} cells → {spec.output_dir}")
+    where = cells[0].dir.parent.parent if cells else spec.output_dir
+    say(f"{spec.name}: {len(cells)} {what} → {where}")
     for i, row in enumerate(rows, 1):
         say(f"  [{i}/{len(rows)}] {row['state']:<8} {row['cell_id']}")
     return rows
@@ -178,7 +197,7 @@ def _list_cells(spec: CompareSpec, cells: list[Cell], say: Say) -> list[dict[str
 def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bool = False,
                 only_summary: bool = False, retry_failed: bool = False, show_progress: bool = True,
                 shard: tuple[int, int] | None = None, callbacks: CallbackFactory | None = None,
-                say: Say = say_print) -> dict[str, Any]:
+                say: Say = say_print, poll_seconds: float = 15.0) -> dict[str, Any]:
     """Run the missing cells of a spec, then write the summary; returns summary.json's content.
 
     ``shard=(i, n)`` runs only the cells at positions i, i + n, i + 2n, ... (1-based): n processes
@@ -187,25 +206,40 @@ def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bo
     ``dry_run``: list the cells and their state, run nothing (returns ``{"cells": [...]}``).
     ``only_summary``: rebuild summary and plots from the existing result.json files.
     ``callbacks``: extra Trainer callbacks for each cell, made from its configuration.
+    With a ``selection`` block, the search cells run first (sharded the same way); every process
+    then waits for the whole search (``poll_seconds``), picks the same settings, and runs its shard
+    of the grid with them (`balora.experiments.selection`).
     """
     if retries < 0:
         raise ConfigError(f"retries: must be >= 0, got {retries}")
+    if shard is not None and not 1 <= shard[0] <= shard[1]:
+        raise ConfigError(f"--shard {shard[0]}/{shard[1]}: expected 1 <= I <= N")
     spec = spec if isinstance(spec, CompareSpec) else load_spec(spec)
-    cells = build_cells(spec)
+    run = {"retries": retries, "retry_failed": retry_failed, "show_progress": show_progress,
+           "callbacks": callbacks, "say": say}
+    selection = None
+    if spec.selection is not None:
+        searches = search_cells(spec)
+        if dry_run:
+            rows = _list_cells(spec, searches, say, "model-selection cells")
+            if not selection_complete(searches):
+                say(f"{spec.name}: the grid's cells are built once the selection is complete")
+                return {"cells": rows}
+            return {"cells": rows + _list_cells(spec, build_cells(spec, choose(spec, searches)["choices"]), say)}
+        check_stale(searches)
+        if not only_summary:
+            _run_cells(_shard(searches, shard), **run)
+            _finish_selection(searches, poll_seconds, **run)
+        selection = choose(spec, searches)
+        write_selection(spec, selection)
+        say(f"{spec.name}: selected " + "; ".join(f"{g}: {_text(e['choice'])}" for g, e in selection["groups"].items()))
+    cells = build_cells(spec, selection["choices"] if selection else None)
     if dry_run:
         return {"cells": _list_cells(spec, cells, say)}
     check_stale(cells)
     if not only_summary:
-        if shard is not None:
-            index, count = shard
-            if not 1 <= index <= count:
-                raise ConfigError(f"--shard {index}/{count}: expected 1 <= I <= N")
-            cells_to_run = cells[index - 1::count]
-        else:
-            cells_to_run = cells
-        _run_cells(cells_to_run, retries=retries, retry_failed=retry_failed, show_progress=show_progress,
-                   callbacks=callbacks, say=say)
-    summary = write_summary(spec, cells, say)
+        _run_cells(_shard(cells, shard), **run)
+    summary = write_summary(spec, cells, say, selection)
     c = summary["cells"]
     say(f"{spec.name}: {c['ok']} ok, {c['failed']} failed, {c['pending']} pending of {c['total']} cells; "
         f"summary: {spec.output_dir / 'summary.md'}")

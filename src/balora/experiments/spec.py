@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from balora.core.config import ConfigError
+from balora.experiments.paired import DEFAULT_BOOTSTRAP
 from balora.training.run_config import parse_override, preset_path, read_yaml
 
 __all__ = ["CompareSpec", "Fields", "LabSpec", "load_lab_spec", "load_spec", "read_spec_file", "spec_from_dict"]
@@ -20,7 +22,7 @@ __all__ = ["CompareSpec", "Fields", "LabSpec", "load_lab_spec", "load_spec", "re
 Kind = type | tuple[type, ...]
 
 SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "variants", "overrides", "metrics",
-             "lower_is_better")
+             "lower_is_better", "selection", "paired")
 LAB_KEYS = ("experiment", "name", "output_dir", "paper")  # every lab spec may set these
 VARIANT_KEY = "variant"
 DEFAULT_LOWER_IS_BETTER = ["loss", "perplexity", "cross_entropy", "forgetting", "train_seconds",
@@ -116,6 +118,97 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- compare
+SELECTION_KEYS = ("metric", "search", "seeds")
+ALL_METHODS = "all"
+
+
+@dataclass
+class SelectionSpec:
+    """Model selection before the grid runs: for each group of the grid (e.g. each method), the
+    candidate values of ``search`` are trained on the selection ``seeds`` and scored on the
+    validation split; the best mean ``metric`` is then used for every seed of that group."""
+
+    metric: str  # a metric of the validation split, e.g. validation.accuracy
+    search: dict[str, dict[str, list[Any]]]  # method (or "all") -> {key path: candidate values}
+    seeds: list[int] | None = None  # None: the grid's first training.seed (else the base's seed)
+
+    def space(self, method: str) -> dict[str, list[Any]]:
+        """The candidate values searched for ``method``: its own entry, else the ``all`` entry."""
+        return self.search.get(method, self.search.get(ALL_METHODS, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "search": self.search, "seeds": self.seeds}
+
+
+def _selection(spec: Fields, grid: dict[str, list[Any]]) -> SelectionSpec | None:
+    if spec.data.get("selection") is None:
+        return None
+    sel = spec.section("selection", SELECTION_KEYS)
+    metric = sel.value("metric", str)
+    if metric is None:
+        raise sel.error("metric", "required: the validation metric that picks the winner, e.g. validation.accuracy")
+    if not metric.startswith("validation."):
+        raise sel.error("metric", f"{metric!r}: selection reads the validation split only; name a "
+                                  "validation.* metric (the test split is kept for the final cells)")
+    search = sel.mapping("search")
+    if not search:
+        raise sel.error("search", "expected at least one entry: all (or a method) -> {key.path: [values]}")
+    parsed: dict[str, dict[str, list[Any]]] = {}
+    for who, space in search.items():
+        if not isinstance(space, dict) or not space:
+            raise sel.error(f"search.{who}", f"expected a mapping of key.path -> list of values, got {space!r}")
+        for key, values in space.items():
+            where = f"search.{who}.{key}"
+            if not isinstance(values, list) or not values:
+                raise sel.error(where, f"expected a non-empty list of candidate values, got {values!r}")
+            if key == "output_dir" or key.startswith("eval.") or key == "training.seed":
+                raise sel.error(where, "not searchable (output_dir, eval.* and the seed are set by compare)")
+            if key in grid:
+                raise sel.error(where, "is a grid key; search a key the grid does not set")
+        parsed[str(who)] = {k: list(v) for k, v in space.items()}
+    seeds = sel.list_of("seeds", int, None) if sel.data.get("seeds") is not None else None
+    return SelectionSpec(metric=metric, search=parsed, seeds=seeds)
+
+
+PAIRED_KEYS = ("pairs", "metric", "bootstrap", "reference")
+
+
+@dataclass
+class PairedSpec:
+    """The ``paired:`` block: which groups are compared seed by seed (`balora.experiments.paired`)."""
+
+    pairs: list[list[str]] | None = None  # None: the default pairs (reference, else the methods)
+    metric: str | None = None  # None: the spec's first metric
+    bootstrap: int = DEFAULT_BOOTSTRAP  # replicates of the item bootstrap; 0: the t interval only
+    reference: str | None = None  # a variant (else a method): every other one against it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pairs": self.pairs, "metric": self.metric, "bootstrap": self.bootstrap, "reference": self.reference}
+
+
+def _pair_name(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)  # as a group label writes a grid value
+
+
+def _paired(spec: Fields) -> PairedSpec:
+    block = spec.section("paired", PAIRED_KEYS, default={})
+    pairs = None
+    if block.data.get("pairs") is not None:
+        pairs = block.list_of("pairs", list)
+        for i, pair in enumerate(pairs):
+            if len(pair) != 2 or not all(isinstance(x, (str, int, float)) and x != "" for x in pair):
+                raise block.error(f"pairs[{i}]", f"expected [A, B]: two group names or grid values, got {pair!r}")
+        pairs = [[_pair_name(x) for x in pair] for pair in pairs]
+    reference = block.value("reference", (str, int, float))
+    if pairs is not None and reference is not None:
+        raise block.error("reference", "give pairs or reference, not both")
+    bootstrap = block.value("bootstrap", int, DEFAULT_BOOTSTRAP)
+    if bootstrap < 0:
+        raise block.error("bootstrap", f"expected a number of replicates >= 0 (0: t interval only), got {bootstrap}")
+    return PairedSpec(pairs=pairs, metric=block.value("metric", str), bootstrap=bootstrap,
+                      reference=None if reference is None else _pair_name(reference))
+
+
 @dataclass
 class CompareSpec:
     """A parsed, not yet expanded, comparison spec (format: `balora.experiments.compare`)."""
@@ -129,6 +222,8 @@ class CompareSpec:
     lower_is_better: list[str] = field(default_factory=lambda: list(DEFAULT_LOWER_IS_BETTER))
     source: str = "<spec>"  # for error messages
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selection: SelectionSpec | None = None
+    paired: PairedSpec = field(default_factory=PairedSpec)
 
     def lower_better(self, metric: str) -> bool:
         """Whether a lower value of ``metric`` is better (an entry equal to it or ending it)."""
@@ -138,7 +233,9 @@ class CompareSpec:
         """The spec as summary.json records it."""
         return {"name": self.name, "output_dir": str(self.output_dir), "grid": self.grid,
                 "variants": self.variants, "overrides": self.overrides, "metrics": self.metrics,
-                "lower_is_better": self.lower_is_better, "base_config": self.base, "source": self.source}
+                "lower_is_better": self.lower_is_better, "base_config": self.base, "source": self.source,
+                **({"selection": self.selection.to_dict()} if self.selection else {}),
+                "paired": self.paired.to_dict()}
 
 
 def _find_base(name: str, spec_dir: Path | None) -> Path:
@@ -219,7 +316,7 @@ def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<s
     return CompareSpec(name=name, base=base, output_dir=Path(output_dir), grid=grid, overrides=overrides,
                        metrics=spec.list_of("metrics", str, [], nonempty=False),
                        lower_is_better=spec.list_of("lower_is_better", str, DEFAULT_LOWER_IS_BETTER, nonempty=False),
-                       source=source, variants=variants)
+                       source=source, variants=variants, selection=_selection(spec, grid), paired=_paired(spec))
 
 
 def load_spec(path: str | Path) -> CompareSpec:

@@ -10,6 +10,10 @@ The run directory holds::
     label_map.json       NLU: label → class id
     log_history.json     every logged step (task loss, each raw and λ-weighted term, λ)
     metrics.json         test metrics, train time, peak memory, data statistics, versions
+    predictions/         NLU classification: per-item test predictions, test.json (untuned.json too with
+                         eval.before_training): {"labels": class names in label_map order, "label": true
+                         label per item, "predicted": predicted label per item, "logits": [[...], ...]
+                         (5 significant digits)}, items in test-split order (paired statistics, AUROC)
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from balora.assets import resolve
 from balora.core.adapters import build_peft_model, trainable_parameter_count
+from balora.core.config import ConfigError
 from balora.core.export import save_adapter, save_converted_lora, save_merged
 from balora.training import data as D
 from balora.training.callbacks import BALoraProgressCallback
@@ -162,9 +167,17 @@ def load_base_model(cfg: RunConfig, label_map: dict[str, int] | None = None) -> 
 
 
 # ---------------------------------------------------------------------------- evaluation
+def _significant(x: float, digits: int = 5) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 @torch.no_grad()
-def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict[str, int] | None) -> dict[str, Any]:
-    """NLU: accuracy, macro-F1, MCC, per-class recall. NLG: mean per-token loss of the responses."""
+def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict[str, int] | None,
+                   predictions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """NLU: accuracy, macro-F1, MCC, per-class recall. NLG: mean per-token loss of the responses.
+
+    ``predictions`` (NLU classification): filled with the per-item record of ``predictions/<split>.json``
+    (labels, label, predicted, logits; see the module doc)."""
     if not dataset:
         return {}
     if task == "nlu":
@@ -175,8 +188,12 @@ def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict
             return regression_metrics(labels.tolist(), logits.reshape(-1).tolist())
         names = {i: lab for lab, i in label_map.items()}
         preds = logits.argmax(-1).tolist()
-        return classification_metrics([names[int(i)] for i in labels.tolist()], [names[int(i)] for i in preds],
-                                      labels=list(label_map))
+        true = [names[int(i)] for i in labels.tolist()]
+        predicted = [names[int(i)] for i in preds]
+        if predictions is not None:
+            predictions.update(labels=list(label_map), label=true, predicted=predicted,
+                               logits=[[_significant(v) for v in row] for row in logits.float().tolist()])
+        return classification_metrics(true, predicted, labels=list(label_map))
     metrics = trainer.evaluate(dataset, metric_key_prefix="test")
     return {"loss": metrics["test_loss"], "perplexity": float(torch.exp(torch.tensor(metrics["test_loss"])))}
 
@@ -230,15 +247,23 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
 
     metrics: dict[str, Any] = {"method": cfg.method, "model": cfg.model.name, "task": cfg.model.task,
                                "trainable_parameters": trainable, "total_parameters": total, "data": data.stats}
-    if cfg.eval.before_training:
-        metrics["untuned"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map)
+    if cfg.eval.validation and not data.validation:
+        raise ConfigError(f"eval.validation: {cfg.data.source} gives no validation split; set "
+                          "data.validation_fraction (carved from the training data, seeded by data.split_seed)")
+    predictions: dict[str, dict[str, Any]] = {"untuned": {}, "test": {}}  # NLU classification: per item
+    if cfg.eval.before_training and cfg.eval.test:
+        metrics["untuned"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map,
+                                            predictions["untuned"])
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics["train_seconds"] = time.perf_counter() - train_started
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
 
-    metrics["test"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map)  # every rank takes part
+    if cfg.eval.validation:  # model selection reads this split, never the test split
+        metrics["validation"] = evaluate_split(trainer, data.validation, cfg.model.task, data.label_map)
+    if cfg.eval.test:  # every rank takes part
+        metrics["test"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map, predictions["test"])
     if not trainer.is_world_process_zero():  # under accelerate launch, rank 0 alone writes the artefacts
         return metrics
     save_adapter(peft_model, out / "adapter", {"method": cfg.method, "init_seed": adapter.init_seed,
@@ -248,6 +273,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     if cfg.save_merged:
         save_merged(peft_model, out / "merged", tokenizer)
     write_json(out / "log_history.json", trainer.state.log_history)
+    for split, items in predictions.items():
+        if items:
+            write_json(out / "predictions" / f"{split}.json", items)
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["peak_rss_mb"] = peak_rss_mb()
     metrics["versions"] = versions()

@@ -87,6 +87,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)  # extra evaluations after training (balora eval)
     limit: int | None = None
     before_training: bool = False  # also evaluate the untuned model on the test split
+    test: bool = True  # evaluate the test split after training (false while selecting hyper-parameters)
+    validation: bool = False  # evaluate the validation split after training (metrics.json "validation")
     batch_size: int = 64
     max_new_tokens: int = 256
 

@@ -1,0 +1,174 @@
+"""Model selection in `balora compare`: each method's settings chosen on the validation split, the
+test split untouched until the final cells, then the grid run with the choice."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_compare import tiny_assets  # noqa: F401 (a fixture)
+
+from balora.core.config import ConfigError
+from balora.experiments.compare import load_spec, run_compare
+from balora.experiments.selection import search_cells
+from balora.training import run as run_module
+from balora.training.run_config import dump_run_config
+
+SEARCH = {"all": {"training.learning_rate": [1e-3, 1e-2]}, "ba-lora": {"training.learning_rate": [1e-3, 3e-3, 1e-2]}}
+
+
+def write_spec(tmp_path: Path, assets: Path, selection: dict | None = None, **extra) -> Path:
+    base = {"method": "lora", "model": {"name": str(assets / "tiny-bert"), "task": "nlu"}, "adapter": {"r": 2},
+            "data": {"source": str(assets / "data.jsonl"), "test_fraction": 0.25, "validation_fraction": 0.25,
+                     "max_length": 12},
+            "training": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                         "logging_steps": 1, "save_strategy": "no", "use_cpu": True}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "sel", "base": "base.yaml", "output_dir": str(tmp_path / "out"),
+            "grid": {"method": ["lora", "ba-lora"], "training.seed": [1, 2]}, "metrics": ["test.accuracy"],
+            "selection": selection if selection is not None else {"metric": "validation.accuracy", "search": SEARCH},
+            **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# validation accuracy the fake trainer reports, by (method, learning rate)
+VALIDATION = {("lora", 1e-3): 0.6, ("lora", 1e-2): 0.8,
+              ("ba-lora", 1e-3): 0.7, ("ba-lora", 3e-3): 0.9, ("ba-lora", 1e-2): 0.9}
+
+
+def fake_train(calls: list):
+    def train(cfg, *, resume=False, show_progress=True, callbacks=()):
+        run = Path(cfg.output_dir)
+        calls.append((str(run), cfg.method, cfg.training["learning_rate"], cfg.eval.test, cfg.eval.validation))
+        run.mkdir(parents=True, exist_ok=True)
+        dump_run_config(cfg, run / "config.yaml")
+        metrics = {"method": cfg.method, "global_step": 2, "train_seconds": 1.0, "data": {"train": 20}}
+        if cfg.eval.validation:
+            metrics["validation"] = {"accuracy": VALIDATION[(cfg.method, cfg.training["learning_rate"])]}
+        if cfg.eval.test:
+            metrics["test"] = {"accuracy": 0.5 + cfg.training["learning_rate"]}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    return train
+
+
+def test_each_method_gets_its_best_setting_then_every_seed_runs_with_it(tmp_path, tiny_assets, monkeypatch):  # noqa: F811
+    calls: list = []
+    monkeypatch.setattr(run_module, "train_run", fake_train(calls))
+    spec = write_spec(tmp_path, tiny_assets)
+    summary = run_compare(spec, show_progress=False, say=lambda m: None)
+    search = [c for c in calls if "/selection/" in c[0]]
+    final = [c for c in calls if "/selection/" not in c[0]]
+    # search first (2 lora + 3 ba-lora candidates on the first grid seed), validation only
+    assert len(search) == 5 and calls[:5] == search
+    assert all(test is False and validation is True for *_, test, validation in search)
+    # the choice: lora 1e-2 (0.8 > 0.6); ba-lora 3e-3 (ties with 1e-2 at 0.9: the first listed wins)
+    assert sorted((m, lr) for _, m, lr, *_ in final) == [("ba-lora", 3e-3)] * 2 + [("lora", 1e-2)] * 2
+    assert all(test is True for *_, test, _ in final)
+    assert summary["selection"]["choices"] == {"method=lora": {"training.learning_rate": 1e-2},
+                                               "method=ba-lora": {"training.learning_rate": 3e-3}}
+    out = tmp_path / "out"
+    assert json.loads((out / "selection" / "selection.json").read_text())["choices"] == summary["selection"]["choices"]
+    md = (out / "summary.md").read_text()
+    assert "## Model selection (validation.accuracy on the validation split" in md
+    assert "| method=ba-lora | training.learning_rate=0.003 | **0.9000** | 1 | yes |" in md
+    assert (out / "plots" / "selection.png").read_bytes()[:4] == b"\x89PNG"
+    # the final cells' ids are the grid's; their configs carry the chosen value
+    cells = {p.parent.name: json.loads(p.read_text()) for p in out.glob("cells/*/result.json")}
+    assert cells["method=ba-lora,training.seed=2"]["config"]["training"]["learning_rate"] == 3e-3
+    # a second run redoes nothing and rebuilds the same choice
+    calls.clear()
+    assert run_compare(spec, show_progress=False, say=lambda m: None)["selection"]["choices"] == \
+        summary["selection"]["choices"]
+    assert calls == []
+
+
+def test_the_test_split_is_never_read_before_selection_ends(tmp_path, tiny_assets, monkeypatch):  # noqa: F811
+    """Real tiny runs: every evaluation of a search cell is of its validation split; the first test-split
+    evaluation comes after the last search cell."""
+    events: list[tuple[str, str]] = []
+    splits: dict[str, dict[int, str]] = {}
+    real_prepare, real_evaluate = run_module.prepare_data, run_module.evaluate_split
+
+    def prepare(cfg, tokenizer):
+        data = real_prepare(cfg, tokenizer)
+        splits[cfg.output_dir] = {id(data.test): "test", id(data.validation): "validation"}
+        events.append((cfg.output_dir, "prepared"))
+        return data
+
+    current: list[str] = []
+
+    def evaluate(trainer, dataset, *args, **kwargs):
+        run_dir = current[-1]
+        events.append((run_dir, splits[run_dir][id(dataset)]))
+        return real_evaluate(trainer, dataset, *args, **kwargs)
+
+    real_train = run_module.train_run
+
+    def train(cfg, **kwargs):
+        current.append(cfg.output_dir)
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(run_module, "prepare_data", prepare)
+    monkeypatch.setattr(run_module, "evaluate_split", evaluate)
+    monkeypatch.setattr(run_module, "train_run", train)
+    spec = write_spec(tmp_path, tiny_assets, selection={"metric": "validation.accuracy",
+                                                         "search": {"all": {"training.learning_rate": [1e-3, 1e-2]}}},
+                      grid={"method": ["lora"], "training.seed": [1, 2]})
+    summary = run_compare(spec, show_progress=False, say=lambda m: None)
+    assert summary["cells"]["ok"] == 2
+    search_events = [(d, what) for d, what in events if "/selection/" in d and what != "prepared"]
+    assert [what for _, what in search_events] == ["validation", "validation"]
+    last_search = max(i for i, (d, _) in enumerate(events) if "/selection/" in d)
+    first_test = min(i for i, (_, what) in enumerate(events) if what == "test")
+    assert first_test > last_search
+    for d in {d for d, _ in search_events}:
+        metrics = json.loads((Path(d) / "metrics.json").read_text())
+        assert "test" not in metrics and "untuned" not in metrics and 0 <= metrics["validation"]["accuracy"] <= 1
+
+
+def test_shards_share_the_search_and_agree_on_the_choice(tmp_path, tiny_assets, monkeypatch):  # noqa: F811
+    calls: list = []
+    monkeypatch.setattr(run_module, "train_run", fake_train(calls))
+    spec = write_spec(tmp_path, tiny_assets)
+    first = run_compare(spec, shard=(1, 2), show_progress=False, say=lambda m: None)
+    second = run_compare(spec, shard=(2, 2), show_progress=False, say=lambda m: None)
+    assert first["selection"]["choices"] == second["selection"]["choices"]
+    runs = [c[0] for c in calls]
+    assert len(runs) == len(set(runs)) == 5 + 4  # every search and grid cell once
+    assert second["cells"]["ok"] == 4
+
+
+def test_dry_run_lists_the_search_and_waits_with_the_grid(tmp_path, tiny_assets):  # noqa: F811
+    messages: list[str] = []
+    cells = run_compare(write_spec(tmp_path, tiny_assets), dry_run=True, say=messages.append)["cells"]
+    assert len(cells) == 5 and all(c["state"] == "pending" for c in cells)
+    assert "sel: 5 model-selection cells" in messages[0]
+    assert any("built once the selection is complete" in m for m in messages)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("selection,message", [
+    ({"metric": "test.accuracy", "search": SEARCH}, r"selection.metric: 'test.accuracy': selection reads the "
+                                                    r"validation split only"),
+    ({"search": SEARCH}, r"selection.metric: required"),
+    ({"metric": "validation.accuracy", "search": {"all": {"method": ["lora"]}}}, r"selection.search.all.method: "
+                                                                                 r"is a grid key"),
+    ({"metric": "validation.accuracy", "search": {"all": {"training.learning_rate": []}}},
+     r"selection.search.all.training.learning_rate: expected a non-empty list"),
+    ({"metric": "validation.accuracy", "search": {"all": {"eval.test": [True]}}}, r"not searchable"),
+    ({"metric": "validation.accuracy", "search": SEARCH, "seed": [1]}, r"selection.seed: unknown key"),
+])
+def test_selection_spec_errors_name_the_key(tmp_path, tiny_assets, selection, message):  # noqa: F811
+    with pytest.raises(ConfigError, match=message):
+        load_spec(write_spec(tmp_path, tiny_assets, selection=selection))
+
+
+def test_a_search_value_is_checked_before_anything_runs(tmp_path, tiny_assets):  # noqa: F811
+    spec = load_spec(write_spec(tmp_path, tiny_assets, selection={
+        "metric": "validation.accuracy", "search": {"all": {"adapter.r": [2, -1]}}}))
+    with pytest.raises(ConfigError, match=r"selection cell .*adapter.r=-1.*adapter.r: must be an integer >= 1"):
+        search_cells(spec)

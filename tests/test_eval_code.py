@@ -50,6 +50,13 @@ def _no_sandbox_processes_left(sandbox: Sandbox) -> bool:
     return not any(_uid_pids(sandbox.uid_base + i) for i in range(sandbox.max_workers + 2))
 
 
+def _refused(res) -> bool:
+    """Refused by the uid or the guard, or not even visible (the program's /tmp is private; a
+    rename from it into the work dir crosses mounts: EXDEV before ENOENT)."""
+    return "PermissionError" in res.stderr or (res.isolation.get("mount", False) and (
+        "FileNotFoundError" in res.stderr or "Invalid cross-device link" in res.stderr))
+
+
 def _still_works(sandbox: Sandbox) -> None:
     res = sandbox.run("print(6 * 7)")
     assert res.status == "passed" and res.stdout.strip() == "42", res
@@ -160,10 +167,13 @@ def test_writing_outside_the_directory_fails(sandbox_name, request, tmp_path):
     targets = [tmp_path / "planted.txt", Path("/etc") / f"balora-{uuid.uuid4().hex}"]
     for target in targets:
         res = sandbox.run(f"open({str(target)!r}, 'w').write('pwned')\n")
-        assert res.status == "failed" and "PermissionError" in res.stderr, res
+        # PermissionError: the uid or the guard; FileNotFoundError: tmp_path is under the host's
+        # /tmp, which the program does not see (it has a private one).
+        assert res.status == "failed" and _refused(res), res
         assert not target.exists()
     # /tmp is world-writable, so the OS allows this one; the guard refuses it, and without the
-    # guard the post-run sweep deletes what the sandbox uid left there.
+    # guard it lands in the program's private /tmp (or, without a mount namespace, the post-run
+    # sweep deletes what the sandbox uid left in the host's).
     stray = Path("/tmp") / f"balora-escape-{uuid.uuid4().hex}"
     res = sandbox.run(f"open({str(stray)!r}, 'w').write('x')\n")
     assert res.status == ("failed" if sandbox.guard else "passed")
@@ -183,7 +193,7 @@ def test_deleting_outside_the_directory_fails(sandbox_name, request, tmp_path):
                         f"import os\nos.remove({str(shared)!r})\n",
                         f"import os\nos.rename({str(shared)!r}, 'mine')\n"):
             res = sandbox.run(program)
-            assert res.status == "failed" and "PermissionError" in res.stderr, (program, res)
+            assert res.status == "failed" and _refused(res), (program, res)
         assert victim.read_text() == "precious" and shared.read_text() == "precious"
     finally:
         shared.unlink()

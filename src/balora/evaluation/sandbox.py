@@ -9,20 +9,36 @@ only defence in depth (any program can undo it, e.g. through ``ctypes`` or ``pos
    uid does not: the program cannot write or delete anything it does not own outside its
    directory, cannot signal the harness or other slots, and every process it leaves behind can
    be found and killed by uid.
-2. **Resource limits** (``resource.setrlimit`` in the child before the program starts): CPU
+2. **Namespaces** (``namespaces=True``, set up by the bootstrap before it drops to the uid):
+   a new IPC namespace (SysV shared memory, semaphores, message queues and POSIX message queues
+   die with the program's last process), a new network namespace (no interface but a down
+   loopback: nothing can be connected to, a listening socket cannot be reached, abstract Unix
+   sockets are per namespace), and a private mount namespace in which one ``tmpfs`` of
+   ``SandboxLimits.disk_bytes`` / ``disk_files`` holds the working directory (same path) and
+   fresh, empty ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock`` -- the host's are hidden, not
+   written, and the tmpfs goes with the namespace. Without root, a user namespace mapping only
+   the harness's own uid comes first and every capability is dropped afterwards (as ``bwrap``
+   does). Whatever the kernel refuses is skipped; ``ExecutionResult.isolation`` says what was
+   active and a warning is logged once per missing combination.
+3. **Resource limits** (``resource.setrlimit`` in the child before the program starts): CPU
    seconds, address space, file size, process count, open files, no core dumps.
-3. **Process hygiene.** A new session/process group per program, killed as a whole on timeout
+4. **Process hygiene.** A new session/process group per program, killed as a whole on timeout
    and after every run, then a by-uid sweep for anything that escaped the group (``setsid``,
    double fork); a fresh temporary working directory (also ``HOME`` and ``TMPDIR``) removed
-   afterwards, plus removal of anything the uid left in ``/tmp``, ``/var/tmp``, ``/dev/shm``;
+   afterwards; after every run, whether or not the namespaces were there, removal of anything
+   the uid left in ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock`` (and world-writable
+   folders in them) and of every SysV IPC object it owns or created; without a mount namespace
+   a watcher kills the group once the working directory exceeds the disk cap (polled, so after
+   the fact);
    a scrubbed environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG`` only); ``close_fds``;
    stdin from ``/dev/null``; output read incrementally and capped, so a flood of prints cannot
    exhaust the harness's memory; a wall-clock timeout.
-4. **Interpreter flags** ``-I -S -B``: no ``PYTHON*`` variables, no user or site packages (no
+5. **Interpreter flags** ``-I -S -B``: no ``PYTHON*`` variables, no user or site packages (no
    ``.pth`` code runs; programs get the standard library only), no bytecode writes.
-5. **Python guard** (``guard=True``): ``os.fork/kill/system/exec*/spawn*``, ``subprocess`` and
+6. **Python guard** (``guard=True``): ``os.fork/kill/system/exec*/spawn*``, ``subprocess`` and
    ``ctypes`` disabled; deleting, renaming or opening for writing outside the working directory
-   refused.
+   refused (``open``, ``os.open`` and the originals behind them, ``posix.open``, ``_io.open``,
+   ``io.FileIO``). Not airtight: object introspection can reach unpatched functions.
 
 Why a bootstrap instead of ``preexec_fn`` or ``Popen(user=...)``: programs are started from a
 thread pool, and ``preexec_fn`` runs Python in the forked child of a multi-threaded process, which
@@ -32,10 +48,13 @@ of the interpreter running a small trusted bootstrap that sets the limits, drops
 (``setresuid``, no way back), and only then compiles and executes the program. An unprivileged
 process can lower, never raise, its hard limits.
 
-Not covered: network access (no network namespace without privileges we do not assume), the
-number of files written inside the working directory, and CPU/memory use of the harness itself.
-Without root there is no uid switch: RLIMIT_NPROC then counts all of the user's processes and the
-filesystem is as writable as it is for that user.
+Not covered: files outside the private directories stay readable as far as their permissions
+let any user read them (the rest of the filesystem is not hidden); Unix sockets with a path are
+reachable per their file permissions; tmpfs pages are memory (at most ``disk_bytes`` per worker)
+and do not count against RLIMIT_AS; no PID namespace (other processes are visible in ``/proc``,
+though not signalable); CPU/memory use of the harness itself. Without root there is no uid
+switch: RLIMIT_NPROC then counts all of the user's processes, the by-uid sweeps are off, and
+without a user namespace the filesystem is as writable as it is for that user.
 """
 
 from __future__ import annotations
@@ -57,7 +76,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["ExecutionResult", "Sandbox", "SandboxLimits", "run_program", "run_programs"]
 
@@ -67,15 +86,20 @@ SANDBOX_UID_BASE = 65000  # 65000-65533 is reserved and unallocated on Debian-st
 _SETUP_ERROR_RC = 121
 _SETUP_ERROR_TAG = "balora-sandbox-setup-error"
 _EXIT_GRACE_S = 0.5  # how long orphans may keep the output pipes open after the program exits
-_STRAY_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# World-writable places: private (empty tmpfs) inside the mount namespace, swept by uid after
+# every run in any case.
+_STRAY_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+_SYSV_IPC = {"shm": "shmctl", "sem": "semctl", "msg": "msgctl"}  # /proc/sysvipc file -> remover
+_DISK_POLL_S = 0.1  # fallback disk watcher (no mount namespace): how often the work dir is sized
 _UID_RANGE = 512  # uids uid_base .. uid_base + 511 may be leased
 
 # Runs in the child, trusted, before the program: limits, then the optional guard, then the
 # program as __main__. Kept free of f-strings/annotations so any Python 3 on the host can run it.
 _BOOTSTRAP = r'''
 import os, resource, sys
-_cfg = dict(zip(("cpu", "memory", "fsize", "nproc", "nofile", "uid", "guard"),
-                map(int, sys.argv[1:8])))
+_cfg = dict(zip(("cpu", "memory", "fsize", "nproc", "nofile", "uid", "guard", "ns", "disk",
+                 "files", "report"), map(int, sys.argv[1:12])))
+_private = [d for d in sys.argv[12:] if d]
 
 def _limit(name, soft, hard=None):
     res = getattr(resource, name)
@@ -86,6 +110,78 @@ def _limit(name, soft, hard=None):
         soft = min(soft, hard)
     resource.setrlimit(res, (soft, hard))
 
+def _namespaces(iso, uid, disk, files, private, source):
+    # New IPC and network namespaces (SysV/POSIX IPC objects and sockets die with the program;
+    # only a down loopback), and a private mount namespace: one tmpfs of ``disk`` bytes holds the
+    # working directory and fresh, empty /tmp, /var/tmp, /dev/shm, /run/lock. Without root, a
+    # user namespace first (mapping only our own uid), all capabilities dropped at the end.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_char_p]
+
+    def unshare(flag):
+        return libc.unshare(ctypes.c_int(flag)) == 0
+
+    def mount(src, target, fstype, flags, data=None):
+        enc = lambda v: None if v is None else v.encode()
+        if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), target)
+
+    userns = os.geteuid() != 0
+    if userns:
+        real_uid, real_gid = os.getuid(), os.getgid()
+        if not unshare(0x10000000):  # CLONE_NEWUSER
+            return
+        for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (real_uid, real_uid)),
+                           ("gid_map", "%d %d 1" % (real_gid, real_gid))):
+            with open("/proc/self/" + name, "w") as fh:
+                fh.write(text)
+    iso["ipc"] = unshare(0x08000000)  # CLONE_NEWIPC
+    iso["network"] = unshare(0x40000000)  # CLONE_NEWNET
+    if unshare(0x00020000):  # CLONE_NEWNS
+        nosuid_nodev, bind, rec, private_prop = 2 | 4, 4096, 16384, 1 << 18
+        work = os.path.realpath(os.getcwd())
+        mounted = []
+        try:
+            mount(None, "/", None, rec | private_prop)  # nothing we mount reaches the host
+            mount("balora-sandbox", work, "tmpfs", nosuid_nodev,
+                  "size=%d,nr_inodes=%d,mode=0755" % (disk, files))
+            mounted.append(work)
+            stage = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            at = lambda name: "/proc/self/fd/%d/%s" % (stage, name)
+            owner = uid if uid >= 0 else os.getuid()
+            os.mkdir(at("work"), 0o700)
+            os.chown(at("work"), owner, owner)
+            for i, target in enumerate(private):
+                if not os.path.isdir(target):  # e.g. inside one already made private
+                    continue
+                os.mkdir(at("p%d" % i))
+                os.chmod(at("p%d" % i), 0o1777)
+                mount(at("p%d" % i), target, None, bind)
+                mounted.append(target)
+            # Under one of the private dirs: recreate its path there; else stack onto the stage.
+            os.makedirs(work, 0o700, exist_ok=True)
+            mount(at("work"), work, None, bind)
+            mounted.append(work)
+            os.close(stage)
+            os.chdir(work)
+            with open("program.py", "wb") as fh:
+                fh.write(source)
+            os.chown("program.py", owner, owner)
+            iso["mount"] = True
+        except OSError:  # e.g. mount(2) refused: undo, run in the host's directory
+            for target in reversed(mounted):
+                libc.umount2(target.encode(), 2)  # MNT_DETACH
+            os.chdir(work)
+    if userns:  # drop every capability the user namespace gave us (no unmounting /tmp)
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (ctypes.c_uint32 * 6)()
+        if libc.capset(header, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+
+_iso = {"ipc": False, "network": False, "mount": False}
 try:
     _limit("RLIMIT_CPU", _cfg["cpu"], _cfg["cpu"] + 1)
     _limit("RLIMIT_AS", _cfg["memory"])
@@ -95,10 +191,19 @@ try:
     _limit("RLIMIT_CORE", 0)
     with open("program.py", "rb") as _fh:
         _source = _fh.read()
+    if _cfg["ns"]:
+        try:
+            _namespaces(_iso, _cfg["uid"], _cfg["disk"], _cfg["files"], _private, _source)
+        finally:
+            for _name in ("ctypes", "ctypes._endian", "_ctypes"):
+                sys.modules.pop(_name, None)
     if _cfg["uid"] >= 0:  # all three ids, so nothing can switch back; capabilities go with root
         os.setgroups([])
         os.setresgid(_cfg["uid"], _cfg["uid"], _cfg["uid"])
         os.setresuid(_cfg["uid"], _cfg["uid"], _cfg["uid"])
+    if _cfg["report"] >= 0:
+        os.write(_cfg["report"], " ".join("%s=%d" % kv for kv in _iso.items()).encode())
+        os.close(_cfg["report"])
 except (OSError, ValueError) as _exc:
     sys.stderr.write("%s: %r\n" % ("''' + _SETUP_ERROR_TAG + r'''", _exc))
     sys.exit(''' + str(_SETUP_ERROR_RC) + r''')
@@ -107,7 +212,7 @@ _code = compile(_source, "program.py", "exec")
 
 def _guard(root):
     # Only modules that are already loaded or built in: the guard must not slow every run.
-    import _posixsubprocess, builtins, io, os
+    import _io, _posixsubprocess, builtins, io, os, posix
     def deny(name):
         def denied(*args, **kwargs):
             raise PermissionError(name + " is disabled in the sandbox")
@@ -156,7 +261,7 @@ def _guard(root):
     # shutil.rmtree/move look these os functions up at call time, so they are covered too.
 
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    real_os_open, real_open = os.open, builtins.open
+    real_os_open, real_open, real_file_io = os.open, builtins.open, _io.FileIO
 
     def os_open(path, flags, *args, **kwargs):
         if flags & write_flags:
@@ -168,12 +273,21 @@ def _guard(root):
             check(file, None, "write")
         return real_open(file, mode, *args, **kwargs)
 
-    os.open = os_open
-    builtins.open = io.open = guarded_open
+    class GuardedFileIO(real_file_io):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+"):
+                check(file, None, "write")
+            super().__init__(file, mode, *args, **kwargs)
+
+    # os.open is posix.open and open is _io.open: patch the originals too, or ``import posix``
+    # walks around the guard.
+    os.open = posix.open = os_open
+    builtins.open = io.open = _io.open = guarded_open
+    io.FileIO = _io.FileIO = GuardedFileIO
 
 if _cfg["guard"]:
     _guard(os.path.realpath(os.getcwd()))
-del _guard, _limit, _cfg, _source
+del _guard, _limit, _namespaces, _cfg, _source, _iso
 sys.argv = ["program.py"]
 exec(_code, {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__})
 '''
@@ -189,6 +303,13 @@ class SandboxLimits:
     max_processes: int = 32  # per slot uid (threads count too); see the module doc without root
     max_open_files: int = 64
     output_bytes: int = 64 << 10  # kept per stream; the rest is read and dropped
+    disk_bytes: int = 64 << 20  # all files written: work dir + private /tmp, /var/tmp, /dev/shm...
+    disk_files: int = 4096  # files and directories in that space (tmpfs inodes)
+
+    def __post_init__(self) -> None:
+        if self.disk_bytes <= 0 or self.disk_files <= 0:
+            raise ValueError(f"disk_bytes and disk_files must be positive, got {self.disk_bytes}, "
+                             f"{self.disk_files}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +324,9 @@ class ExecutionResult:
     stdout: str
     stderr: str
     truncated: bool = False
+    # Which protections were active: user (own uid), ipc, network, mount (private /tmp & co. and
+    # the tmpfs disk cap), guard. See the module doc for what each means.
+    isolation: dict[str, bool] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -234,7 +358,7 @@ class Sandbox:
     def __init__(self, limits: SandboxLimits | None = None, *, timeout: float = 10.0,
                  max_workers: int | None = None, guard: bool = True,
                  switch_user: bool | None = None, uid_base: int = SANDBOX_UID_BASE,
-                 python: str | None = None) -> None:
+                 python: str | None = None, namespaces: bool = True) -> None:
         self.limits = limits or SandboxLimits()
         self.timeout = timeout
         self.max_workers = max(1, max_workers or os.cpu_count() or 1)
@@ -243,6 +367,7 @@ class Sandbox:
         if self.switch_user and os.geteuid() != 0:
             raise PermissionError("switch_user=True needs root")
         self.uid_base = uid_base
+        self.namespaces = namespaces
         self._python = python
         self._python_lock = threading.Lock()
         self._slots: queue.Queue[int] = queue.Queue()
@@ -322,12 +447,15 @@ class Sandbox:
         if uid is not None:  # a crashed earlier harness may have left processes or files behind
             _kill_uid(uid, python)
             _remove_strays(uid)
+            _remove_sysv_ipc(uid)
         lim = self.limits
-        cfg = [lim.cpu_seconds or math.ceil(timeout) + 1, lim.memory_bytes, lim.file_size_bytes,
-               lim.max_processes, lim.max_open_files, -1 if uid is None else uid,
-               int(self.guard if guard is None else guard)]
+        guard = self.guard if guard is None else guard
         workdir = tempfile.mkdtemp(prefix="balora-sbx-")
+        private = [] if not self.namespaces else list(dict.fromkeys(
+            os.path.realpath(d) for d in (tempfile.gettempdir(), *_STRAY_DIRS)
+            if os.path.isdir(d)))
         start = time.monotonic()
+        report_r = report_w = -1
         try:
             program = os.path.join(workdir, "program.py")
             with open(program, "w", encoding="utf-8") as fh:
@@ -335,36 +463,60 @@ class Sandbox:
             if uid is not None:
                 os.chown(program, uid, uid)
                 os.chown(workdir, uid, uid)
+            report_r, report_w = os.pipe()
+            os.set_blocking(report_r, False)
+            cfg = [lim.cpu_seconds or math.ceil(timeout) + 1, lim.memory_bytes,
+                   lim.file_size_bytes, lim.max_processes, lim.max_open_files,
+                   -1 if uid is None else uid, int(guard), int(self.namespaces), lim.disk_bytes,
+                   lim.disk_files, report_w]
             try:
                 proc = subprocess.Popen(
-                    [python, "-I", "-S", "-B", "-c", _BOOTSTRAP, *map(str, cfg)],
+                    [python, "-I", "-S", "-B", "-c", _BOOTSTRAP, *map(str, cfg), *private],
                     cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
+                    stderr=subprocess.PIPE, close_fds=True, pass_fds=(report_w,),
+                    start_new_session=True,
                     env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                          "LANG": "C.UTF-8"},
                 )
             except (OSError, subprocess.SubprocessError) as exc:
                 return ExecutionResult("error", None, time.monotonic() - start, "",
                                        f"could not start the sandboxed process: {exc}")
+            finally:
+                os.close(report_w)
+            watcher = _DiskWatcher(workdir, lim.disk_bytes, lim.disk_files, report_r)
             try:
-                out, err, truncated, timed_out = _collect(proc, start + timeout, lim.output_bytes)
+                out, err, truncated, timed_out = _collect(proc, start + timeout, lim.output_bytes,
+                                                          watcher)
             finally:
                 self._kill_everything(proc, uid, python)
+            if not watcher.reported:  # every writer is dead now: this cannot block
+                watcher.read_report()
+            watcher.over_cap(time.monotonic(), final=True)
             duration = time.monotonic() - start
             rc = proc.returncode
         finally:
+            if report_r >= 0:
+                os.close(report_r)
             _remove_tree(workdir)
             if uid is not None:
                 _remove_strays(uid)
+                _remove_sysv_ipc(uid)
         stdout = out.decode("utf-8", errors="replace")
         stderr = err.decode("utf-8", errors="replace")
+        if watcher.exceeded:
+            stderr += f"\nbalora-sandbox: {watcher.exceeded}; program killed\n"
         if timed_out or rc == -signal.SIGXCPU:
             status = "timeout"
         elif rc == _SETUP_ERROR_RC and _SETUP_ERROR_TAG in stderr:
             status = "error"
+        elif watcher.exceeded:
+            status = "failed"
         else:
             status = "passed" if rc == 0 else "failed"
-        return ExecutionResult(status, rc, duration, stdout, stderr, truncated)
+        isolation = {"user": uid is not None, **watcher.isolation, "guard": bool(guard)}
+        if status != "error":
+            _log_missing_isolation(isolation)
+        return ExecutionResult(status, rc, duration, stdout, stderr, truncated, isolation)
 
     def _kill_everything(self, proc: subprocess.Popen, uid: int | None, python: str) -> None:
         # The leader is not reaped yet (see _collect), so its pid -- the group id -- cannot have
@@ -380,9 +532,72 @@ class Sandbox:
             _kill_uid(uid, python)
 
 
-def _collect(proc: subprocess.Popen, deadline: float, cap: int
+class _DiskWatcher:
+    """Reads the bootstrap's isolation report; where the child got no mount namespace (hence no
+    tmpfs cap), sizes the work dir every ``_DISK_POLL_S`` and flags it once over the cap.
+
+    The fallback watcher is after the fact: a fast writer can exceed the cap by what it writes in
+    one polling interval (each file stays under RLIMIT_FSIZE)."""
+
+    def __init__(self, workdir: str, cap_bytes: int, cap_files: int, report_fd: int) -> None:
+        self.workdir, self.cap_bytes, self.cap_files = workdir, cap_bytes, cap_files
+        self.report_fd = report_fd
+        self.isolation = {"ipc": False, "network": False, "mount": False}
+        self.reported = False
+        self.exceeded: str | None = None
+        self._next = 0.0
+
+    def read_report(self) -> None:
+        try:
+            data = os.read(self.report_fd, 4096)
+        except BlockingIOError:
+            data = b""
+        for item in data.decode("ascii", errors="replace").split():
+            key, _, value = item.partition("=")
+            if key in self.isolation:
+                self.isolation[key] = value == "1"
+        self.reported = True
+
+    def over_cap(self, now: float, final: bool = False) -> bool:
+        """True (once) when the work dir grew past the cap; only without the tmpfs. ``final``:
+        the last look, after the program ended (a fast writer can finish between two polls)."""
+        if not self.reported or self.isolation["mount"] or self.exceeded:
+            return False
+        if now < self._next and not final:
+            return False
+        self._next = now + _DISK_POLL_S
+        size, count = _tree_usage(self.workdir)
+        if size > self.cap_bytes or count > self.cap_files:
+            self.exceeded = (f"work dir over the disk cap ({size} bytes, {count} entries > "
+                             f"{self.cap_bytes} bytes / {self.cap_files} entries)")
+            return True
+        return False
+
+
+def _tree_usage(root: str) -> tuple[int, int]:
+    size = count = 0
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            count += 1
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            size += st.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return size, count
+
+
+def _collect(proc: subprocess.Popen, deadline: float, cap: int, watcher: _DiskWatcher
              ) -> tuple[bytes, bytes, bool, bool]:
-    """Read both pipes until EOF, the deadline, or a grace period after the program exits.
+    """Read both pipes until EOF, the deadline, or a grace period after the program exits; the
+    report pipe as it comes (the disk watcher kills the group when the work dir is too big).
 
     Returns (stdout, stderr, truncated, timed_out). Never reaps the leader (``WNOWAIT``).
     """
@@ -392,7 +607,8 @@ def _collect(proc: subprocess.Popen, deadline: float, cap: int
     with selectors.DefaultSelector() as sel:
         for fd in bufs:
             sel.register(fd, selectors.EVENT_READ)
-        while sel.get_map():
+        sel.register(watcher.report_fd, selectors.EVENT_READ)
+        while any(fd in sel.get_map() for fd in bufs):
             now = time.monotonic()
             if exited_at is None and _has_exited(proc.pid):
                 exited_at = now
@@ -400,7 +616,14 @@ def _collect(proc: subprocess.Popen, deadline: float, cap: int
             if now >= limit:
                 timed_out = exited_at is None
                 break
+            if watcher.over_cap(now):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             for key, _ in sel.select(timeout=min(limit - now, 0.1)):
+                if key.fd == watcher.report_fd:
+                    watcher.read_report()
+                    sel.unregister(key.fd)
+                    continue
                 chunk = os.read(key.fd, 1 << 16)
                 if not chunk:
                     sel.unregister(key.fd)
@@ -516,26 +739,82 @@ def _remove_tree(path: str) -> None:
 
 
 def _remove_strays(uid: int) -> None:
-    """Delete what the sandbox uid created directly in world-writable temp dirs."""
-    for folder in dict.fromkeys((tempfile.gettempdir(), *_STRAY_DIRS)):
+    """Delete what the sandbox uid created in the world-writable places (after the fact; the
+    private mount namespace normally keeps them untouched). Entries owned by the uid go whole;
+    world-writable folders of others are searched, since the uid can create things there too."""
+    todo = [(folder, 0) for folder in dict.fromkeys((tempfile.gettempdir(), *_STRAY_DIRS))]
+    while todo:
+        folder, depth = todo.pop()
         try:
             entries = list(os.scandir(folder))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
         for entry in entries:
             try:
-                if entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if st.st_uid != uid:
+                if is_dir and st.st_mode & 0o002 and depth < 8:
+                    todo.append((entry.path, depth + 1))
+                continue
             log.warning("sandbox: removing %s left behind by uid %d", entry.path, uid)
-            if entry.is_dir(follow_symlinks=False):
+            if is_dir:
                 _remove_tree(entry.path)
             else:
                 try:
                     os.unlink(entry.path)
                 except FileNotFoundError:
                     continue  # removed in between: nothing left to do
+
+
+def _remove_sysv_ipc(uid: int) -> None:
+    """Remove the SysV shared memory segments, semaphore sets and message queues the uid owns or
+    created in the harness's IPC namespace (after the fact; with an IPC namespace there are none:
+    the child's namespace and everything in it die with its last process)."""
+    libc = None
+    for kind, remover in _SYSV_IPC.items():
+        try:
+            with open(f"/proc/sysvipc/{kind}", encoding="ascii") as fh:
+                header, *rows = fh.read().splitlines()
+        except (OSError, ValueError):
+            continue
+        cols = header.split()
+        try:
+            id_col, uid_col, cuid_col = cols.index(f"{kind}id" if kind != "msg" else "msqid"), \
+                cols.index("uid"), cols.index("cuid")
+        except ValueError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if uid not in (int(fields[uid_col]), int(fields[cuid_col])):
+                continue
+            if libc is None:
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+            ipc_id = int(fields[id_col])
+            if kind == "sem":
+                ok = libc.semctl(ipc_id, 0, 0) == 0  # IPC_RMID
+            else:
+                ok = getattr(libc, remover)(ipc_id, 0, None) == 0
+            log.warning("sandbox: %s SysV %s %d left behind by uid %d",
+                        "removed" if ok else "could not remove", kind, ipc_id, uid)
+
+
+_logged_gaps: set[tuple[str, ...]] = set()
+_logged_lock = threading.Lock()
+
+
+def _log_missing_isolation(isolation: dict[str, bool]) -> None:
+    """Warn once per combination about protections that were not active."""
+    gaps = tuple(k for k, v in isolation.items() if not v and k != "guard")  # guard: a choice
+    with _logged_lock:
+        if not gaps or gaps in _logged_gaps:
+            return
+        _logged_gaps.add(gaps)
+    log.warning("sandbox: NOT isolated: %s (see balora.evaluation.sandbox's module doc; "
+                "ExecutionResult.isolation tells per run)", ", ".join(gaps))
 
 
 def run_program(source: str, *, timeout: float = 10.0, **sandbox_kwargs) -> ExecutionResult:

@@ -53,8 +53,8 @@ def test_override_into_a_scalar_is_an_error():
 @pytest.mark.parametrize(
     "data,message",
     [
-        ({"trainng": {}}, "trainng: unknown section; known: adapter, balora, data, eval, method, model, "
-                          "output_dir, save_merged, training"),
+        ({"trainng": {}}, "trainng: unknown section; known: adapter, balora, data, divergence_factor, eval, method, "
+                          "model, output_dir, save_merged, training"),
         ({"data": {"txt_field": "x"}}, "data.txt_field: unknown option; known options: "),
         ({"data": {"max_length": "long"}}, "data.max_length: expected int, got 'long'"),
         ({"model": {"task": "seq2seq"}}, "model.task: expected Literal['nlg', 'nlu'], got 'seq2seq'"),
@@ -215,3 +215,22 @@ def test_a_mismatched_balora_task_is_refused():
 
     with pytest.raises(ConfigError, match="balora.task is 'nlg' but model.task is 'nlu'"):
         RunConfig(model=ModelConfig(task="nlu"), balora=BALoraConfig(task="nlg"))
+
+
+def test_a_regression_run_trains_and_reports_correlations(tmp_path):
+    """Float labels: one output, no label map (transformers refuses id2label=None)."""
+    model_dir = tmp_path / "tiny-bert"
+    make_tiny_bert(num_labels=1).save_pretrained(model_dir)
+    make_word_tokenizer().save_pretrained(model_dir)
+    rows = [{"text": " ".join(f"w{(i * 7 + j) % 40 + 3}" for j in range(6)), "label": float(i % 5) / 4}
+            for i in range(40)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = {"method": "pissa", "output_dir": str(tmp_path / "run"), "model": {"name": str(model_dir), "task": "nlu"},
+              "adapter": {"r": 2}, "data": {"source": str(data), "test_fraction": 0.25, "max_length": 12},
+              "training": {"max_steps": 2, "per_device_train_batch_size": 8, "save_strategy": "no", "use_cpu": True}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["test"]) >= {"pearson", "spearman"}

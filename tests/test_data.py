@@ -244,7 +244,7 @@ def test_parquet_json_and_fmt_round_trip(tmp_path):
     assert list(load_records(str(tmp_path / "d.json"))) == rows
     (tmp_path / "d.txt").write_text(json.dumps(rows))
     assert list(load_records(str(tmp_path / "d.txt"), fmt="json")) == rows
-    with pytest.raises(DataError, match=r"d.txt: unknown data format '.txt'; pass fmt="):
+    with pytest.raises(DataError, match=r"d.txt: unknown data format '.txt'; data.source must be a .jsonl"):
         load_records(str(tmp_path / "d.txt"))
     with pytest.raises(DataError, match=r"d.txt: cannot read Parquet"):
         load_records(str(tmp_path / "d.txt"), fmt="parquet")
@@ -308,8 +308,8 @@ def test_classification_label_map_from_training_labels(tmp_path, tok):
     with pytest.raises(DataError) as e:
         build_classification_dataset(load_records(str(ev)), tok, ClassificationDataConfig(),
                                      label_map)
-    assert str(e.value) == (f"{ev}:2: unknown label 'meh' (known: fresh, rotten); labels come "
-                            "from the training data or data.labels")
+    assert str(e.value) == (f"{ev}:2: unknown label 'meh' (known: fresh, rotten); the classes are "
+                            "the labels of the training split (field 'label', data.label_field)")
     _, fixed = build_classification_dataset(load_records(str(train)), tok,
                                             ClassificationDataConfig(labels=["rotten", "fresh"]))
     assert fixed == {"rotten": 0, "fresh": 1}

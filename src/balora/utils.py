@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import resource
+import socket
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +44,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # the data is on disk before the name points at it (power loss, not only a kill)
     os.replace(tmp, path)
     return path
 
@@ -154,3 +158,193 @@ def current_peak_rss_mb() -> float | None:
         return None
     match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
     return int(match.group(1)) / 1024 if match else None
+
+
+# ---------------------------------------------------------------------------- reading JSON state
+class CorruptFileError(ValueError):
+    """A JSON file that exists but does not parse (truncated by a kill, or edited by hand)."""
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a file that does not parse raises `CorruptFileError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: truncated or not valid JSON ({exc})") from None
+
+
+def quarantine(path: str | Path) -> Path:
+    """Move a corrupt file aside to ``<name>.corrupt-<UTC time>`` (never deleted); returns the new path."""
+    path = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    os.replace(path, target)
+    return target
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``["a.b: 1 -> 2", ...]``: the key paths where two nested mappings differ, old value first."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += config_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+# ---------------------------------------------------------------------------- processes and locks
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux /proc), or None: with the pid
+    it names one process, so a pid reused by an unrelated process is not taken for the old one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process: cannot be checked from here, so it counts as alive
+    if not pid_alive(pid):
+        return False
+    started = holder.get("pid_start")
+    return started is None or process_start_ticks(pid) in (None, started)
+
+
+class LockedError(FileExistsError):
+    """The lock is held by another live process (``holder``: its pid, host and start time)."""
+
+    def __init__(self, message: str, holder: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class FileLock:
+    """An exclusive lock file holding ``{"pid", "host", "started_at", "pid_start"}``, created with
+    O_EXCL. A lock left by a dead process on this host (killed, crashed) is taken over with a warning;
+    one held by a live process, or by a process on another host, raises `LockedError`. Release with
+    `release()` (or use it as a context manager)."""
+
+    def __init__(self, path: str | Path, what: str = "this directory") -> None:
+        self.path = Path(path)
+        self.what = what
+        self.held = False
+        self.took_over: dict[str, Any] | None = None  # the dead holder's record, when taken over
+
+    def _read(self) -> tuple[dict[str, Any] | None, str]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None, ""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        return (data if isinstance(data, dict) else None), text
+
+    def acquire(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(),
+              "pid_start": process_start_ticks(os.getpid())}
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, text = self._read()
+                if holder is None:  # being written right now, or garbage left behind
+                    try:
+                        age = datetime.now().timestamp() - self.path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age < 10:
+                        raise LockedError(f"{self.what} is being locked by another process ({self.path})",
+                                          {}) from None
+                elif _holder_alive(holder):
+                    raise LockedError(
+                        f"{self.what} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                        f"(since {holder.get('started_at')}; lock file {self.path}). Wait for it to finish; if that "
+                        "process is gone (another machine), delete the lock file.", holder) from None
+                self.took_over = holder or {}
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(me))
+            self.held = True
+            return self
+        raise LockedError(f"{self.path}: could not take the lock (another process keeps re-creating it)", {})
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        holder, _ = self._read()
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------- a run directory's state
+STATUS_FILE = "status.json"
+LOCK_FILE = ".lock"
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """``<run_dir>/status.json`` (``state``: running / finished / failed, ``phase``, ``reason``,
+    timestamps), or None when there is none or it does not parse."""
+    try:
+        data = read_json(Path(run_dir) / STATUS_FILE)
+    except (FileNotFoundError, CorruptFileError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_status(run_dir: str | Path, state: str, **fields: Any) -> dict[str, Any]:
+    """Update ``<run_dir>/status.json`` atomically: the previous fields, then ``state``, ``updated_at``
+    and ``fields``; returns the new content."""
+    status = read_status(run_dir) or {}
+    status.update(state=state, updated_at=now_iso(), **fields)
+    write_json(Path(run_dir) / STATUS_FILE, status)
+    return status
+
+
+def describe_incomplete(run_dir: str | Path) -> str | None:
+    """A sentence for a run that did not finish ("incomplete: killed or failed during training ..."),
+    "running ..." while its process lives, or None for a finished run / a directory without status."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if status is None or status.get("state") == "finished":
+        return None
+    phase = status.get("phase") or "an unknown phase"
+    if status.get("state") == "failed":
+        return f"incomplete: failed during {phase} ({status.get('reason')}) at {status.get('updated_at')}"
+    lock = run_dir / LOCK_FILE
+    holder, _ = FileLock(lock)._read() if lock.exists() else (None, "")
+    if holder is not None and _holder_alive(holder):
+        return (f"running: {phase} (process {holder.get('pid')} on {holder.get('host')}, "
+                f"since {holder.get('started_at')})")
+    return (f"incomplete: killed or failed during {phase} (last update {status.get('updated_at')}); "
+            "`balora train CONFIG --resume` continues it")

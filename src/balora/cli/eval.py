@@ -51,9 +51,22 @@ def _score_samples(args: argparse.Namespace) -> int:
     # torch, transformers and PEFT load here, when the command runs, not for `balora --help`
     from balora.assets import main_file
     from balora.evaluation.code import evaluate_samples, load_humaneval, read_samples
+    from balora.evaluation.harness import EvalError
 
-    problems = load_humaneval(args.problems or main_file("humaneval"))
-    samples = read_samples(args.samples)
+    problems_file = args.problems or main_file("humaneval")
+    if not Path(args.samples).is_file():
+        raise EvalError(f"--samples {args.samples}: no such file")
+    try:
+        problems = load_humaneval(problems_file)
+    except ValueError as error:  # a malformed line: the message names the file and the line
+        raise EvalError(str(error)) from None
+    try:
+        samples = read_samples(args.samples, problems)
+    except ValueError as error:  # names the file and the line
+        raise EvalError(str(error)) from None
+    if not samples:
+        raise EvalError(f"--samples {args.samples}: no samples (one JSON object per line: "
+                        '{"task_id": "HumanEval/0", "completion": "..."})')
     k = args.k or (1, 10, 100)
     result = evaluate_samples(samples, problems, k=k, timeout=args.timeout)
     attempted = {s["task_id"] for s in samples}

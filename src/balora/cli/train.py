@@ -15,7 +15,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from balora.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
-    metrics = train_run(cfg, resume=args.resume, show_progress=not args.no_progress)
+    metrics = train_run(cfg, resume=args.resume, force=args.force, show_progress=not args.no_progress)
     print(json.dumps({k: metrics[k] for k in ("method", "global_step", "train_seconds", "validation", "test")
                       if k in metrics},
                      indent=2, default=str))
@@ -28,8 +28,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from balora.core.export import load_trained, save_converted_lora, save_merged
     from balora.training.run import load_base_model, load_tokenizer
     from balora.training.run_config import load_run_config
+    from balora.utils import describe_incomplete
 
     run = Path(args.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run}: not a balora run directory (no config.yaml)")
+    problem = _adapter_problem(run / "adapter")
+    if problem is not None:
+        state = describe_incomplete(run) or "the run did not finish"
+        raise FileNotFoundError(f"{run / 'adapter'}: no trained adapter to export ({problem}; {state}). "
+                                "Finish the run first: balora train CONFIG --resume")
     cfg = load_run_config(run / "config.yaml")
     label_map = json.loads((run / "label_map.json").read_text()) if (run / "label_map.json").exists() else None
     model = load_trained(load_base_model(cfg, label_map), run / "adapter")
@@ -42,6 +50,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_problem(adapter: Path) -> str | None:
+    """Why ``adapter/`` cannot be loaded (missing, empty, no weights, an empty file), or None."""
+    if not adapter.is_dir():
+        return "missing"
+    files = [f for f in adapter.iterdir() if f.is_file()]
+    if not files:
+        return "empty"
+    if not (adapter / "adapter_config.json").is_file() or not any(f.name.startswith("adapter_model.") for f in files):
+        return "no adapter_config.json or adapter weights"
+    empty = [f.name for f in files if f.stat().st_size == 0]
+    return f"empty file(s): {', '.join(sorted(empty))}" if empty else None
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -50,6 +71,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     # imported here so that `balora --help` does not load what this command does not need
     import yaml
 
+    from balora.utils import CorruptFileError, describe_incomplete, read_json
+
     run = Path(args.run_dir)
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: not a balora run directory (no config.yaml)")
@@ -57,16 +80,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"run: {run.resolve()}")
     print(f"  method {cfg['method']}  model {cfg['model']['name']} ({cfg['model']['task']})  "
           f"data {cfg['data']['source']}")
+    incomplete = describe_incomplete(run)
+    if incomplete is not None:
+        print(f"  {incomplete}")
     for name, what in [("adapter", "PEFT adapter: balora.load_trained(untouched_base, path)"),
                        ("lora_converted", "plain LoRA for the untouched base: PeftModel.from_pretrained"),
                        ("merged", "full fine-tuned model: AutoModel*.from_pretrained"),
                        ("checkpoints", "Trainer checkpoints: balora train ... --resume"),
                        ("metrics.json", "metrics"), ("log_history.json", "training log")]:
         path = run / name
-        if path.exists():
+        if path.is_dir() and not any(path.iterdir()):
+            print(f"  {name:<17} {'empty':>12}  incomplete (written when the run finishes)")
+        elif path.exists():
             print(f"  {name:<17} {_size(path) / 1e6:9.2f} MB  {what}")
+    metrics = None
     if (run / "metrics.json").exists():
-        metrics = json.loads((run / "metrics.json").read_text())
+        try:
+            metrics = read_json(run / "metrics.json")
+        except CorruptFileError as error:
+            print(f"  {error}: the run was stopped while writing it; `balora train CONFIG --resume` redoes "
+                  "the evaluation and the final save")
+    if isinstance(metrics, dict):
         print(f"  steps {metrics.get('global_step')}  train {metrics.get('train_seconds', 0):.0f} s  "
               f"peak RSS {metrics.get('peak_rss_mb', 0):.0f} MB")
         for split in ("untuned", "validation", "test"):
@@ -80,8 +114,11 @@ def add_parsers(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None
     """Add ``train``, ``export`` and ``info`` to the `balora` command's subparsers."""
     p = subparsers.add_parser("train", parents=parents, help="fine-tune from a YAML run configuration")
     p.add_argument("config", help="YAML file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. method=lora training.max_steps=20")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, before or after the options, e.g. "
+                                                "method=lora training.max_steps=20")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the configuration differs from the stored config.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

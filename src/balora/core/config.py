@@ -128,8 +128,8 @@ class BALoraConfig:
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ConfigError.invalid(owner, name, f"must be a finite number >= 0, got {value!r}")
             setattr(self, name, float(value))
-        if not _is_number(self.temperature) or not self.temperature > 0:
-            raise ConfigError.invalid(owner, "temperature", f"must be a number > 0, got {self.temperature!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or not self.temperature > 0:
+            raise ConfigError.invalid(owner, "temperature", f"must be a finite number > 0, got {self.temperature!r}")
         self.temperature = float(self.temperature)
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError.invalid(owner, "top_k", f"must be an integer >= 0 (0 = full vocabulary), "
@@ -202,8 +202,9 @@ class AdapterConfig:
             raise ConfigError.invalid(owner, "r", f"must be an integer >= 1, got {self.r!r}")
         if self.alpha is None:
             self.alpha = float(self.r)
-        if not _is_number(self.alpha) or not self.alpha > 0:
-            raise ConfigError.invalid(owner, "alpha", f"must be a number > 0, got {self.alpha!r}")
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or not self.alpha > 0:
+            raise ConfigError.invalid(owner, "alpha", f"must be a finite number > 0 (true/false is not a number), "
+                                                      f"got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError.invalid(owner, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         if self.pissa_niter is not None and (not _is_int(self.pissa_niter) or self.pissa_niter < 1):

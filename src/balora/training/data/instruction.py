@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from balora.training.data.readers import DataError, field_value, record_where, source_label
+from balora.training.data.readers import DataError, record_where, source_label, text_value
 
 # The package's name, not this module's: it is the logger users and tests filter data warnings on.
 logger = logging.getLogger("balora.training.data")
@@ -84,6 +84,22 @@ def _chat_split(p_ids: list[int], f_ids: list[int], eos: int, where: str) -> tup
     return p_ids, resp + [eos]
 
 
+def instruction_fields(records: Sequence[dict], cfg: InstructionDataConfig,
+                       source_name: str | None = None) -> list[tuple[str, str]]:
+    """(query, response) of each record, the context (``cfg.context_field``, may be empty) prepended to
+    the query with a newline. Query and response must be non-empty strings, the context a string; a
+    ``DataError`` names the file, the line and the field."""
+    out = []
+    for i, rec in enumerate(records):
+        where = record_where(records, i, source_name)
+        query = text_value(rec, cfg.query_field, where, "query_field")
+        response = text_value(rec, cfg.response_field, where, "response_field")
+        if cfg.context_field:
+            query = f"{text_value(rec, cfg.context_field, where, 'context_field', allow_empty=True)}\n{query}"
+        out.append((query, response))
+    return out
+
+
 def build_instruction_dataset(records: Sequence[dict], tokenizer: Any,
                               cfg: InstructionDataConfig, source_name: str | None = None
                               ) -> tuple[list[dict], dict[str, Any]]:
@@ -101,12 +117,8 @@ def build_instruction_dataset(records: Sequence[dict], tokenizer: Any,
         raise DataError("data.template is 'chat' but the tokenizer has no chat template; use "
                         "'alpaca' or 'plain'")
     texts: list[tuple[str, str]] = []  # (prompt, response) or, for chat, (prompt, full)
-    for i, rec in enumerate(records):
+    for i, (query, response) in enumerate(instruction_fields(records, cfg, source_name)):
         where = record_where(records, i, source_name)
-        query = str(field_value(rec, cfg.query_field, where, "query_field"))
-        response = str(field_value(rec, cfg.response_field, where, "response_field"))
-        if cfg.context_field:
-            query = f"{field_value(rec, cfg.context_field, where, 'context_field')}\n{query}"
         if chat:
             texts.append(_chat_texts(tokenizer, query, response, where))
         else:

@@ -75,6 +75,64 @@ def field_value(rec: dict, field: str, where: str, setting: str | None = None) -
     return rec[field]
 
 
+def text_value(rec: dict, field: str, where: str, setting: str, *, allow_empty: bool = False) -> str:
+    """``rec[field]`` as a text: a (non-empty, unless ``allow_empty``) string, else a ``DataError``
+    naming the record, the field and the ``data.<setting>`` option that chose it. Numbers, lists and
+    objects are refused rather than turned into their ``str()``."""
+    value = field_value(rec, field, where, setting)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__} "
+                        f"{_short(value)} (data.{setting} names the text field)")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field {field!r} is empty; remove the record or fill it in "
+                        f"(data.{setting} names the text field)")
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+LABEL_KINDS = {bool: "bool", int: "number", float: "number", str: "string"}
+
+
+def label_kind(value: Any) -> str:
+    """The kind of a label: "string", "number" (int or float: floats among ints mean regression),
+    "bool", or the type's name for anything else (lists, objects: never a label)."""
+    return LABEL_KINDS.get(type(value), type(value).__name__)
+
+
+def check_label_kinds(records: Sequence[dict], labels: Sequence[Any], source_name: str | None,
+                      label_field: str, *, mixed_numbers: bool = True) -> None:
+    """Every label of ``records`` (one per record) is a string, a number or a bool, all of one kind;
+    else a ``DataError`` at the first record whose kind differs from most labels' (``file:line``).
+    ``mixed_numbers=False``: integers and floats count as two kinds (a float among integer classes is
+    most likely a typo)."""
+    kinds = []
+    for i, lab in enumerate(labels):
+        kind = label_kind(lab)
+        if kind not in ("string", "number", "bool"):
+            raise DataError(f"{record_where(records, i, source_name)}: label {_short(lab)} is a "
+                            f"{type(lab).__name__}; labels (field {label_field!r}, data.label_field) "
+                            "must be strings, numbers or booleans")
+        if not mixed_numbers and kind == "number":
+            kind = "float" if isinstance(lab, float) else "integer"
+        kinds.append(kind)
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    if len(counts) < 2:
+        return
+    usual = max(counts, key=lambda k: (counts[k], -kinds.index(k)))
+    i = next(j for j, kind in enumerate(kinds) if kind != usual)
+    hint = (" (regression: write every label as a float, e.g. 1.0)" if {kinds[i], usual} == {"integer", "float"}
+            else "")
+    raise DataError(f"{record_where(records, i, source_name)}: label {_short(labels[i])} is a {kinds[i]}, but "
+                    f"{counts[usual]} of the {len(kinds)} labels are {usual}s; every label of field "
+                    f"{label_field!r} (data.label_field) must be of one type{hint}")
+
+
 # ---------------------------------------------------------------- file readers
 
 def _canon(split: str) -> str:
@@ -84,8 +142,9 @@ def _canon(split: str) -> str:
 def _format_of(path: Path, fmt: str | None) -> str:
     fmt = fmt or _FORMATS.get(path.suffix.lower())
     if fmt not in _READERS:
-        raise DataError(f"{path}: unknown data format {fmt or path.suffix!r}; pass fmt= "
-                        "jsonl, json, csv or parquet")
+        raise DataError(f"{path}: unknown data format {fmt or path.suffix!r}; data.source must be a .jsonl, "
+                        ".ndjson, .json, .csv, .parquet or .pq file, or a directory of them (from Python: "
+                        "load_records(..., fmt='jsonl' | 'json' | 'csv' | 'parquet'))")
     return fmt
 
 
@@ -140,6 +199,17 @@ def _read_csv(path: Path, name: str) -> Records:
     return Records(rows, name, lines)
 
 
+def _first_bad_utf8_line(path: Path) -> int:
+    """The 1-based line of ``path`` holding its first byte sequence that is not UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
+
+
 def _read_parquet(path: Path, name: str) -> Records:
     import pyarrow.parquet as pq  # why: optional and heavy; only Parquet sources need it
 
@@ -191,7 +261,8 @@ def load_records(source: str, *, split: str | None = None, fmt: str | None = Non
     try:
         records = reader(path, name)
     except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not valid UTF-8 ({e})") from None
+        raise DataError(f"{name}:{_first_bad_utf8_line(path)}: not valid UTF-8 ({e.reason}, byte "
+                        f"{e.object[e.start:e.start + 1]!r}); re-save the file as UTF-8") from None
     except csv.Error as e:
         raise DataError(f"{name}: invalid CSV ({e})") from None
     except OSError as e:

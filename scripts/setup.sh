@@ -12,6 +12,8 @@ stamp=.venv/.balora-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[trl,assets,eval,report,test]"
+  # tensorboard: the 7B preset (configs/nlg-metamath-llama2-7b.yaml) reports to it;
+  # lm-eval: the second evaluation backend, tested against our harness on the same items
+  .venv/bin/pip install -q -e ".[trl,assets,eval,report,tensorboard,lm-eval,test]"
   touch "$stamp"
 fi

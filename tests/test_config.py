@@ -49,7 +49,7 @@ def test_invalid_balora_values_name_the_field(kwargs, field):
         (dict(r=0), "AdapterConfig.r"),
         (dict(dropout=1.5), "AdapterConfig.dropout"),
         (dict(pissa_niter=0), "AdapterConfig.pissa_niter"),
-        (dict(target_modules="q_proj"), "AdapterConfig.target_modules"),
+        (dict(target_modules="q_proj["), "AdapterConfig.target_modules"),  # a string is a regex: this one is not
     ],
 )
 def test_invalid_adapter_values_name_the_field(kwargs, field):

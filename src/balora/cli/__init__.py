@@ -1,4 +1,4 @@
-"""The `balora` command: train, export, info, assets, demo, eval, compare, lab.
+"""The `balora` command: train, export, info, assets, demo, eval, compare, lab, presets.
 
 Each sub-command's parser and handler live in their own module here; the library code they call
 lives in `balora.training`, `balora.evaluation` and `balora.experiments`. Heavy imports (torch,
@@ -12,7 +12,7 @@ import logging
 import sys
 
 from balora import __version__
-from balora.cli import assets, compare, demo, eval, lab, train
+from balora.cli import assets, compare, demo, eval, lab, presets, push, train
 
 
 def _shared_options() -> list[argparse.ArgumentParser]:
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(sub, parents)
     eval.add_parser(sub, parents)
     lab.add_parser(sub, parents)
+    push.add_parser(sub, parents)
+    presets.add_parser(sub, parents)
     return parser
 
 
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # and when logging was configured before (an embedding program, pytest): -v also shows the libraries'
+    # known warnings that balora otherwise silences (balora.training.quiet)
+    logging.getLogger("balora").setLevel(logging.INFO if args.verbose else logging.NOTSET)
     _set_threads(getattr(args, "threads", None))
     # imported here so that `balora --help` does not load what this command does not need
     from balora.assets import AssetError

@@ -10,6 +10,10 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     # imported here so that `balora --help` does not load what this command does not need
     from balora import assets
 
+    unknown = [name for name in args.names if name not in assets.ASSETS]
+    if unknown:
+        raise assets.AssetError(f"unknown asset{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                                f"known: {', '.join(assets.ASSETS)} (`balora assets list` shows what each is)")
     if args.action == "fetch":
         for path in assets.fetch(args.names or None, force=args.force):
             print(path)

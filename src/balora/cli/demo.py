@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,38 @@ def _row(name: str, metrics: dict[str, Any], seconds: float | None) -> str:
             f"{metrics['minority_recall']:.4f} | {time_text} |")
 
 
+class _KnownNotes(logging.Filter):
+    """The demo's two known conditions, logged as warnings by balora at every run (a few Rotten Tomatoes
+    texts longer than max_length=64; the NLU SVD term, constant with 2 classes): kept for one line under
+    the table instead of WARNING lines between the progress bars. ``-v`` shows them as they come."""
+
+    PATTERNS = {"truncated": re.compile(r".*: (\d+) of \d+ texts truncated to max_length=(\d+)$"),
+                "svd": re.compile(r"BA-LoRA NLU SVD term: ")}
+    LOGGERS = ("balora.training.data", "balora.training.trainer")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, set[str]] = {name: set() for name in self.PATTERNS}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for name, pattern in self.PATTERNS.items():
+            if pattern.match(message):
+                self.seen[name].add(message)
+                return False
+        return True
+
+    def line(self) -> str | None:
+        notes = []
+        found = [self.PATTERNS["truncated"].match(m) for m in sorted(self.seen["truncated"])]
+        if found:
+            notes.append(f"{sum(int(m.group(1)) for m in found if m)} long texts truncated to "
+                         f"max_length={found[0].group(2) if found[0] else '?'}")
+        if self.seen["svd"]:
+            notes.append("ba-lora's NLU SVD term is constant with 2 classes (docs/method.md §4)")
+        return f"notes (-v for details): {'; '.join(notes)}" if notes else None
+
+
 def run_demo(output_dir: Path, steps: int = 100, methods: list[str] | None = None) -> dict[str, Any]:
     # imported here so that `balora --help` does not load what this command does not need
     from balora import assets
@@ -31,13 +65,22 @@ def run_demo(output_dir: Path, steps: int = 100, methods: list[str] | None = Non
     started = time.perf_counter()
     assets.fetch(["minilm", "rotten-tomatoes"])
     results: dict[str, Any] = {}
-    for i, method in enumerate(methods):
-        cfg = load_run_config(preset_path(PRESET), [
-            f"method={method}", f"output_dir={output_dir / method}", f"training.max_steps={steps}",
-            f"eval.before_training={'true' if i == 0 else 'false'}",
-        ])
-        print(f"\n== {method}: MiniLM-L6, Rotten Tomatoes, {steps} steps → {cfg.output_dir}")
-        results[method] = train_run(cfg, resume=False)
+    notes = _KnownNotes()
+    quiet = not logging.getLogger("balora").isEnabledFor(logging.INFO)
+    if quiet:
+        for name in notes.LOGGERS:
+            logging.getLogger(name).addFilter(notes)
+    try:
+        for i, method in enumerate(methods):
+            cfg = load_run_config(preset_path(PRESET), [
+                f"method={method}", f"output_dir={output_dir / method}", f"training.max_steps={steps}",
+                f"eval.before_training={'true' if i == 0 else 'false'}",
+            ])
+            print(f"\n== {method}: MiniLM-L6, Rotten Tomatoes, {steps} steps → {cfg.output_dir}")
+            results[method] = train_run(cfg, resume=False)
+    finally:
+        for name in notes.LOGGERS:
+            logging.getLogger(name).removeFilter(notes)
     untuned = results[methods[0]].get("untuned")
     lines = [
         f"Rotten Tomatoes test split ({results[methods[0]]['data']['test']} texts), all-MiniLM-L6-v2, "
@@ -50,6 +93,8 @@ def run_demo(output_dir: Path, steps: int = 100, methods: list[str] | None = Non
         lines.append(_row("untuned (fresh head)", untuned, None))
     for method in methods:
         lines.append(_row(method, results[method]["test"], results[method]["train_seconds"]))
+    if notes.line():
+        lines += ["", notes.line()]
     lines += ["", f"total wall time {time.perf_counter() - started:.0f} s; artefacts under {output_dir.resolve()}",
               *(f"  {m}: {output_dir / m}/adapter, lora_converted/, metrics.json" for m in methods)]
     summary = "\n".join(lines)

@@ -2,6 +2,7 @@
 
     balora eval MODEL_OR_RUN --tasks gsm8k,asdiv,humaneval,forgetting,crows_pairs [--limit N]
     balora eval humaneval --samples samples.jsonl [--k 1,10]
+    balora eval MODEL_OR_RUN --backend lm-eval --tasks gsm8k,crows_pairs,hellaswag [--limit N]
 
 """
 
@@ -88,12 +89,42 @@ def _score_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    """``--backend lm-eval``: lm-evaluation-harness on the model balora loads (see lm_eval_backend)."""
+    from balora.evaluation.harness import EvalError
+    from balora.evaluation.lm_eval_backend import LM_EVAL_MISSING, evaluate_lm_eval, lm_eval_available
+
+    if not lm_eval_available():
+        raise EvalError(LM_EVAL_MISSING)
+    unsupported = [flag for flag, value, default in [
+        ("--prompt", args.prompt, "alpaca"), ("--n-samples", args.n_samples, 1),
+        ("--temperature", args.temperature, 0.0), ("--top-p", args.top_p, 1.0), ("--k", args.k, None),
+        ("--math-file", args.math_file, None), ("--base", args.base, None), ("--samples", args.samples, None)]
+        if value != default]
+    if unsupported:
+        raise EvalError(f"{', '.join(unsupported)}: options of the balora backend; the lm-eval backend takes "
+                        "--tasks, --limit, --batch-size, --max-new-tokens, --data, --out, --device, --seed")
+    report = evaluate_lm_eval(args.model, args.tasks.split(","), limit=args.limit, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, data=_data_pairs(args.data), out_dir=args.out,
+                              device=args.device, seed=args.seed,
+                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    for task, entry in report["tasks"].items():
+        print(f"{task:<12} {_summary(entry['metrics'])}")
+    if report.get("written"):
+        print(f"written: {report['written']}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     # imported here so that `balora --help` does not load what this command does not need
     from balora.assets import AssetError, AssetMissingError
     from balora.evaluation.harness import EvalError, evaluate
 
     try:
+        if args.backend == "lm-eval":
+            if not args.tasks:
+                raise EvalError("say which tasks to run: --tasks gsm8k,crows_pairs or lm-eval task names")
+            return _run_lm_eval(args)
         if args.samples:
             if args.model != "humaneval":
                 raise EvalError("--samples scores a HumanEval samples file: balora eval humaneval "
@@ -136,7 +167,11 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
                     "or asset:NAME), or score an existing HumanEval samples file with "
                     "`balora eval humaneval --samples FILE`.")
     p.add_argument("model", metavar="MODEL_OR_RUN")
-    p.add_argument("--tasks", help=f"comma-separated, from: {','.join(TASKS)}")
+    p.add_argument("--tasks", help=f"comma-separated, from: {','.join(TASKS)} (--backend lm-eval: gsm8k, "
+                                   "crows_pairs offline, or any lm-eval task name)")
+    p.add_argument("--backend", choices=["balora", "lm-eval"], default="balora",
+                   help="balora's harness (default) or lm-evaluation-harness (pip install lm-eval) on the "
+                        "model balora loads")
     p.add_argument("--limit", type=int, help="first N items of each task (deterministic subset)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--max-new-tokens", type=int,

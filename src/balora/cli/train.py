@@ -15,17 +15,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from balora.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
+    if cfg.eval.tasks:  # eval.tasks: names, model kind and data checked before training, run after it
+        from balora.core.config import ConfigError
+        from balora.evaluation.harness import EvalError, check_run_tasks
+
+        try:
+            check_run_tasks(cfg.eval, cfg.model.task)
+        except EvalError as error:
+            raise ConfigError(f"eval.tasks: {error}") from None
     metrics = train_run(cfg, resume=args.resume, force=args.force, show_progress=not args.no_progress)
-    print(json.dumps({k: metrics[k] for k in ("method", "global_step", "train_seconds", "validation", "test")
-                      if k in metrics},
-                     indent=2, default=str))
+    print(compact_json({k: metrics[k] for k in ("method", "global_step", "train_seconds", "validation", "test")
+                        if k in metrics}))
     print(f"artefacts: {Path(cfg.output_dir).resolve()}")
+    if cfg.eval.tasks:
+        return _run_eval_tasks(cfg)
+    return 0
+
+
+def _run_eval_tasks(cfg: Any) -> int:
+    """``eval.tasks`` on the finished run (and its untuned base with ``eval.before_training``), as
+    `balora compare` does for a cell: RUN/eval/eval.json (RUN/eval/untuned/eval.json)."""
+    import sys
+
+    from balora.evaluation.run_tasks import evaluate_run_tasks
+
+    run = Path(cfg.output_dir)
+    try:
+        result = evaluate_run_tasks(run, cfg.eval, device="cpu" if cfg.training.get("use_cpu") else None,
+                                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except Exception as error:  # the trained run is kept; say how to redo only the evaluation
+        print(f"balora train: eval.tasks failed after training: {type(error).__name__}: {error}\n"
+              f"  the run is complete; redo the evaluation with: balora eval {run} --tasks "
+              f"{','.join(cfg.eval.tasks)}", file=sys.stderr)
+        return 1
+    print(json.dumps({"eval": result}, indent=2, default=str))
+    print(f"eval: {(run / 'eval' / 'eval.json').resolve()}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if not (args.merge or args.convert):  # before anything loads: nothing to do is said at once
+        raise SystemExit("balora export: say what to write: --merge (full model) and/or --convert (plain LoRA)")
     # torch, transformers and PEFT load here, when the command runs, not for `balora --help`
     from balora.core.export import load_trained, save_converted_lora, save_merged
+    from balora.training.quiet import quiet_warnings
     from balora.training.run import load_base_model, load_tokenizer
     from balora.training.run_config import load_run_config
     from balora.utils import describe_incomplete
@@ -40,14 +73,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 "Finish the run first: balora train CONFIG --resume")
     cfg = load_run_config(run / "config.yaml")
     label_map = json.loads((run / "label_map.json").read_text()) if (run / "label_map.json").exists() else None
-    model = load_trained(load_base_model(cfg, label_map), run / "adapter")
-    if not (args.merge or args.convert):
-        raise SystemExit("balora export: say what to write: --merge (full model) and/or --convert (plain LoRA)")
-    if args.convert:
-        print(f"converted LoRA: {save_converted_lora(model, Path(args.out or run) / 'lora_converted')}")
-    if args.merge:
-        print(f"merged model: {save_merged(model, Path(args.out or run) / 'merged', load_tokenizer(cfg))}")
+    with quiet_warnings():  # PEFT's advice to convert the PiSSA adapter: this is that conversion
+        model = load_trained(load_base_model(cfg, label_map), run / "adapter")
+        if args.convert:
+            print(f"converted LoRA: {save_converted_lora(model, Path(args.out or run) / 'lora_converted')}")
+        if args.merge:
+            print(f"merged model: {save_merged(model, Path(args.out or run) / 'merged', load_tokenizer(cfg))}")
     return 0
+
+
+def compact_json(value: Any, indent: int = 2, level: int = 0) -> str:
+    """JSON with one key per line, but every list on one line (a confusion matrix as ``[[6, 2], [1, 3]]``,
+    not one number per line)."""
+    if isinstance(value, dict) and value:
+        pad = " " * indent * (level + 1)
+        items = [f"{pad}{json.dumps(str(k))}: {compact_json(v, indent, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent * level + "}"
+    return json.dumps(value, default=str)
 
 
 def _adapter_problem(adapter: Path) -> str | None:

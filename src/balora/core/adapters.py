@@ -5,13 +5,14 @@ only chooses its options and makes the PiSSA initialisation reproducible.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from balora.core.config import AdapterConfig
+from balora.core.config import ALL_LINEAR, AdapterConfig
 from balora.core.reference import ReferenceSnapshot
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def default_target_modules(model: nn.Module, task: str) -> list[str]:
 
 
 def lora_config_for(adapter: AdapterConfig, model: nn.Module, task: str) -> LoraConfig:
-    """The PEFT `LoraConfig` for ``adapter.method``."""
+    """The PEFT `LoraConfig` for ``adapter.method``. ``adapter.target_modules`` goes to PEFT as given: a list
+    (suffix matching), ``"all-linear"`` or a regular expression (a full match of the module name)."""
     if adapter.pissa:
         init: Any = "pissa" if adapter.pissa_niter is None else f"pissa_niter_{adapter.pissa_niter}"
     else:
@@ -57,13 +59,24 @@ def lora_config_for(adapter: AdapterConfig, model: nn.Module, task: str) -> Lora
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules or default_target_modules(model, task),
+        target_modules=_targets(adapter.target_modules) or default_target_modules(model, task),
         init_lora_weights=init,
         use_dora=adapter.method == "dora",
         use_rslora=adapter.method == "rslora",
         modules_to_save=modules_to_save or None,
         bias="none",
     )
+
+
+def _targets(target_modules: list[str] | str | None) -> list[str] | str | None:
+    """A list copied (PEFT turns it into a set), a string as given (``all-linear`` in PEFT's lower case)."""
+    if isinstance(target_modules, str):
+        return ALL_LINEAR if target_modules.lower() == ALL_LINEAR else target_modules
+    return list(target_modules) if target_modules else None
+
+
+def _describe_targets(target_modules: Any) -> str:
+    return target_modules if isinstance(target_modules, str) else ", ".join(sorted(target_modules or ()))
 
 
 def build_peft_model(model: nn.Module, adapter: AdapterConfig, task: str = "nlg") -> PeftModel:
@@ -78,12 +91,16 @@ def build_peft_model(model: nn.Module, adapter: AdapterConfig, task: str = "nlg"
     devices = [torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0 if adapter.init_seed is None else adapter.init_seed)
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            if not logger.isEnabledFor(logging.INFO):  # PEFT reads transformers 5's deprecated alias; -v shows it
+                warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     # The initial trainable tensors are the reference model's (see balora.core.reference); record them now,
     # before any training or checkpoint loading can change them.
     ReferenceSnapshot.from_model(peft_model).attach(peft_model)
     logger.info("built %s adapter (r=%d, alpha=%s) on %s", adapter.method, adapter.r, adapter.alpha,
-                ", ".join(sorted(config.target_modules)))
+                _describe_targets(config.target_modules))
     return peft_model
 
 

@@ -7,6 +7,7 @@ Every field is documented where it is declared (``dataclasses.fields(BALoraConfi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -173,6 +174,32 @@ class BALoraConfig:
         return asdict(self)
 
 
+#: ``AdapterConfig.target_modules`` for every linear layer but the output layer / classification head (PEFT's).
+ALL_LINEAR = "all-linear"
+
+
+def _check_target_modules(owner: str, value: Any) -> None:
+    """None, a list of module names, ``"all-linear"``, or a regular expression (PEFT's full match)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError.invalid(owner, "target_modules", "must not be empty: a list of module names, "
+                                                               f"{ALL_LINEAR!r}, or a regular expression")
+        if value.lower() == ALL_LINEAR:
+            return
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ConfigError.invalid(owner, "target_modules", f"{value!r} is not a valid regular expression "
+                                                               f"({error}); give a list of module names, "
+                                                               f"{ALL_LINEAR!r}, or a regular expression") from None
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError.invalid(owner, "target_modules", f"must be a list of module names, {ALL_LINEAR!r}, or a "
+                                                           f"regular expression (a string), got {value!r}")
+
+
 @dataclass
 class AdapterConfig:
     """Which adapter to build and where (see `balora.core.adapters.build_peft_model`)."""
@@ -182,9 +209,12 @@ class AdapterConfig:
     r: int = _opt(16, "Adapter rank.")
     alpha: float | None = _opt(None, "LoRA alpha (scale alpha/r). None: alpha = r (scale 1), as in the paper.")
     dropout: float = _opt(0.0, "LoRA dropout, in [0, 1).")
-    target_modules: list[str] | None = _opt(
-        None, "Module names to adapt (PEFT's matching). None: the attention and MLP projections of Llama-style "
-              "models, every linear layer but the output layer / classification head otherwise.")
+    target_modules: list[str] | str | None = _opt(
+        None, "Modules to adapt, with PEFT's matching: a list of names (each matches a module named so, or whose "
+              "name ends in '.NAME'); 'all-linear' (every linear layer but the output layer / classification "
+              "head); any other string is a regular expression that must match a whole module name. None: the "
+              "attention and MLP projections of Llama-style models, every linear layer but the output layer / "
+              "classification head otherwise.")
     pissa_niter: int | None = _opt(
         None, "PiSSA only. None: exact SVD (deterministic). N: PEFT's randomised pissa_niter_N, seeded by "
               "init_seed (minutes instead of an hour on a 7B model).")
@@ -212,10 +242,10 @@ class AdapterConfig:
                                                             f"got {self.pissa_niter!r}")
         if self.init_seed is not None and not _is_int(self.init_seed):
             raise ConfigError.invalid(owner, "init_seed", f"must be None or an integer, got {self.init_seed!r}")
-        for name in ("target_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise ConfigError.invalid(owner, name, f"must be a list of module names, got {value!r}")
+        _check_target_modules(owner, self.target_modules)
+        value = self.modules_to_save
+        if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+            raise ConfigError.invalid(owner, "modules_to_save", f"must be a list of module names, got {value!r}")
 
     @property
     def regularised(self) -> bool:

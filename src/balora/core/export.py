@@ -8,18 +8,27 @@
 
 The PiSSA ``adapter/`` must never be loaded onto a model that is already the residual, and the
 ``lora_converted/`` one never onto the residual either: both expect the untouched W.
+
+Modules trained in full (``modules_to_save``: a classification head) travel in every artefact, so that
+each reproduces the trained model on the untouched base with a fresh head of the same shape.
+``base_model_name_or_path`` (an argument of the savers) is what ``adapter_config.json`` records as the
+base model: the id a user elsewhere can load (a hub id), not the path it was loaded from here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from balora.core.reference import ReferenceSnapshot
@@ -36,10 +45,30 @@ def _is_pissa(peft_model: PeftModel) -> bool:
     return str(init).lower().startswith("pissa")
 
 
-def save_adapter(peft_model: PeftModel, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """The trained PEFT adapter, plus ``balora_adapter.json`` (method, init seed) for `load_trained`."""
+@contextlib.contextmanager
+def _recorded_base(peft_model: PeftModel, base_model_name_or_path: str | None) -> Iterator[None]:
+    """While saving, every adapter config names ``base_model_name_or_path`` (when given) as its base."""
+    if not base_model_name_or_path:
+        yield
+        return
+    configs = list(peft_model.peft_config.values())
+    original = [config.base_model_name_or_path for config in configs]
+    for config in configs:
+        config.base_model_name_or_path = base_model_name_or_path
+    try:
+        yield
+    finally:
+        for config, name in zip(configs, original):
+            config.base_model_name_or_path = name
+
+
+def save_adapter(peft_model: PeftModel, directory: str | Path, metadata: dict[str, Any] | None = None, *,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """The trained PEFT adapter, plus ``balora_adapter.json`` (method, init seed, the base model's id
+    and asset) for `load_trained`."""
     directory = Path(directory)
-    peft_model.save_pretrained(directory)
+    with _recorded_base(peft_model, base_model_name_or_path):
+        peft_model.save_pretrained(directory)
     (directory / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True))
     return directory
 
@@ -61,21 +90,39 @@ def save_initial_adapter(peft_model: PeftModel, directory: str | Path,
     return Path(directory)
 
 
+def _add_trained_modules(peft_model: PeftModel, directory: Path) -> list[str]:
+    """Put the tensors of the adapter that are not LoRA factors (``modules_to_save``: the trained
+    classification head) into ``directory``'s weights, where PEFT's PiSSA → LoRA conversion leaves
+    them out; returns their names."""
+    trained = get_peft_model_state_dict(peft_model, adapter_name=_adapter_name(peft_model))
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    extra = {name: t.detach().to("cpu").contiguous().clone() for name, t in trained.items()
+             if name not in tensors and "lora_A" not in name and "lora_B" not in name}
+    if extra:
+        save_file({**tensors, **extra}, path, metadata={"format": "pt"})
+    return sorted(extra)
+
+
 def save_converted_lora(peft_model: PeftModel, directory: str | Path,
-                        snapshot: ReferenceSnapshot | None = None) -> Path:
+                        snapshot: ReferenceSnapshot | None = None, *,
+                        base_model_name_or_path: str | None = None) -> Path:
     """A plain LoRA adapter that reproduces the trained model on the *untouched* base model.
 
-    For PiSSA adapters this is PEFT's conversion (rank 2r: [A; A0], [B, −B0]); other methods are
-    plain LoRA / DoRA already and are saved as they are.
+    For PiSSA adapters this is PEFT's conversion (rank 2r: [A; A0], [B, −B0]) plus the modules
+    trained in full (``modules_to_save``, e.g. the classification head), which the conversion drops;
+    other methods are plain LoRA / DoRA already and are saved as they are.
     """
     directory = Path(directory)
-    if not _is_pissa(peft_model):
-        peft_model.save_pretrained(directory)
-        return directory
-    with tempfile.TemporaryDirectory() as tmp:
-        initial = Path(tmp) / "initial_adapter"
-        save_initial_adapter(peft_model, initial, snapshot)
-        peft_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial))
+    with _recorded_base(peft_model, base_model_name_or_path):
+        if not _is_pissa(peft_model):
+            peft_model.save_pretrained(directory)
+            return directory
+        with tempfile.TemporaryDirectory() as tmp:
+            initial = Path(tmp) / "initial_adapter"
+            save_initial_adapter(peft_model, initial, snapshot)
+            peft_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial))
+    _add_trained_modules(peft_model, directory)
     return directory
 
 

@@ -1,8 +1,11 @@
 """Child process for ``math_answers.answers_equal(symbolic=True)``; run as a script, not imported.
 
 Protocol: one JSON object per line on stdin, ``{"a": text, "b": text}`` where both texts come from
-``latex_to_sympy_text`` (already whitelisted); one JSON line back, ``{"equal": true|false}`` or
-``{"equal": null, "error": "..."}``. Prints ``ready`` once sympy is imported.
+``latex_to_sympy_text`` (already whitelisted), or ``{"mode": "math_verify", "gold": latex, "pred": latex,
+"timeout": seconds}`` for Hugging Face's ``math-verify`` (its own parser: LaTeX through antlr, plain
+expressions only of digits and operators); one JSON line back, ``{"equal": true|false}`` or
+``{"equal": null, "error": "..."}``. Prints ``ready`` once sympy (and math-verify, when installed) is
+imported. math-verify's timeouts use ``signal.alarm``, which works here: this is a main thread.
 """
 
 from __future__ import annotations
@@ -63,11 +66,32 @@ def main() -> None:
                     and all(scalar_equal(x, y) for x, y in zip(a, b)))
         return scalar_equal(a, b)
 
+    try:
+        import math_verify
+    except ImportError:
+        math_verify = None
+
+    def mv_parse(text: str, timeout: int) -> list:
+        text = text.strip()
+        delimited = any(d in text for d in ("$", "\\(", "\\["))
+        parsed = math_verify.parse(text if delimited else f"${text}$", parsing_timeout=timeout)
+        return parsed or math_verify.parse(text, parsing_timeout=timeout)
+
+    def mv_equal(req: dict) -> bool:
+        if math_verify is None:
+            raise ImportError("math-verify is not installed")
+        timeout = max(1, int(req.get("timeout", 5)))
+        gold, pred = mv_parse(req["gold"], timeout), mv_parse(req["pred"], timeout)
+        return bool(gold) and bool(pred) and math_verify.verify(gold, pred, timeout_seconds=timeout)
+
     print("ready", flush=True)
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            reply = {"equal": bool(equal(parse(req["a"]), parse(req["b"])))}
+            if req.get("mode") == "math_verify":
+                reply = {"equal": bool(mv_equal(req))}
+            else:
+                reply = {"equal": bool(equal(parse(req["a"]), parse(req["b"])))}
         except Exception as exc:  # any parse/simplify failure means "cannot show equal"
             reply = {"equal": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
         print(json.dumps(reply), flush=True)

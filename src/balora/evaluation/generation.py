@@ -34,7 +34,7 @@ from balora.training.run_config import load_run_config
 
 __all__ = [
     "ALPACA_STOP", "HUMANEVAL_STOP", "EvalModel", "GenerationResult", "GenerationSettings",
-    "format_prompt", "generate", "load_for_eval", "truncate_at_stop",
+    "format_prompt", "generate", "load_for_eval", "load_run_base", "truncate_at_stop",
 ]
 
 # Codex paper (Chen et al. 2021): a completion ends where the next top-level statement begins.
@@ -265,16 +265,30 @@ def _load_plain(spec: str, dtype: str, device: torch.device) -> EvalModel:
     return EvalModel(model.to(device).eval(), _finish_tokenizer(tokenizer), spec, "model")
 
 
-def _load_run(run: Path, device: torch.device) -> EvalModel:
+def _run_config(run: Path) -> Any:
     cfg = load_run_config(run / "config.yaml")
     if cfg.model.task != "nlg":
         raise ValueError(f"{run}: a {cfg.model.task} (classification) run; these evaluations "
                          "need a causal LM (model.task: nlg)")
+    return cfg
 
+
+def _base_loader(cfg: Any, device: torch.device) -> Callable[[], EvalModel]:
     def load_base() -> EvalModel:
         return EvalModel(load_base_model(cfg).to(device).eval(),
                          _finish_tokenizer(load_tokenizer(cfg)), cfg.model.name, "model")
+    return load_base
 
+
+def load_run_base(run: str | Path, *, device: str | None = None) -> EvalModel:
+    """The untouched base model of a run directory (as its config loads it), for evaluation."""
+    dev = torch.device(device) if device else _default_device()
+    return _base_loader(_run_config(Path(run)), dev)()
+
+
+def _load_run(run: Path, device: torch.device) -> EvalModel:
+    cfg = _run_config(run)
+    load_base = _base_loader(cfg, device)
     model = load_trained(load_base_model(cfg), run / "adapter").to(device).eval()
     return EvalModel(model, _finish_tokenizer(load_tokenizer(cfg)), str(run), "run",
                      cfg.model.name, load_base)

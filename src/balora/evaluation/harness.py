@@ -68,13 +68,14 @@ from balora.evaluation.math_answers import (
     default_gsm8k_path,
     extract_answer,
     load_gsm8k,
+    math_verify_available,
     normalize_number,
 )
 from balora.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS, GENERATIVE, TASKS
 from balora.training.data import asdiv_splits, load_records
 from balora.utils import versions, write_json, write_jsonl
 
-__all__ = ["TASKS", "EvalError", "EvalOptions", "asdiv_match", "evaluate"]
+__all__ = ["TASKS", "EvalError", "EvalOptions", "asdiv_match", "check_run_tasks", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,11 @@ def _run_math(ev: EvalModel, items: list[dict[str, Any]], task: str, opts: EvalO
     settings = opts.generation(task, stop, add_special_tokens=opts.prompt != "chat")
     result = generate(ev.model, ev.tokenizer, prompts, settings,
                       progress=lambda d, n: progress(f"  {task}: {d}/{n} prompts"))
-    return _math_records(items, prompts, result, match)
+    output = _math_records(items, prompts, result, match)
+    if task == "math":  # symbolic answers: which grader decided (see math_answers.answers_equal)
+        output.metrics["grader"] = ("math-verify" if math_verify_available()
+                                    else "balora-sympy (math-verify not installed)")
+    return output
 
 
 def _numeric_match(symbolic: bool) -> Callable[[str, str], tuple[str | None, bool]]:
@@ -464,3 +469,22 @@ def evaluate(model_spec: str | EvalModel, tasks: Sequence[str], *, limit: int | 
     if out is not None:
         write_json(out / "eval.json", report)
     return report
+
+
+# ---------------------------------------------------------------- after training
+
+def check_run_tasks(eval_cfg: Any, model_task: str = "nlg") -> list[str]:
+    """Check a run configuration's ``eval.tasks`` before training: known names, a causal LM, and
+    every task's data present (a missing asset or file fails now, not after training)."""
+    if not eval_cfg.tasks:
+        return []
+    names = _check_tasks(list(eval_cfg.tasks))
+    if model_task != "nlg":
+        raise EvalError(f"eval.tasks ({', '.join(names)}) need a causal LM (model.task: nlg), "
+                        f"not model.task: {model_task}")
+    opts = EvalOptions(limit=eval_cfg.limit, batch_size=eval_cfg.batch_size,
+                       max_new_tokens=eval_cfg.max_new_tokens)
+    for task in names:
+        _REGISTRY[task][0](opts)
+    return names
+

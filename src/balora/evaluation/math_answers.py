@@ -9,15 +9,21 @@ Equivalence rules (documented once here, relied on by the tests):
   GSM8K golds are plain numbers written in the unit the question asks for (a question asking
   "what percentage" has gold "50"), and the reference MATH normaliser also strips "\\%"; accepting
   0.5 as well would turn real unit mistakes into passes.
-* Non-numeric answers compare as normalised LaTeX text, and with ``symbolic=True`` through sympy
-  (see :func:`answers_equal`).
+* Non-numeric answers compare as normalised LaTeX text, and with ``symbolic=True`` through
+  Hugging Face's ``math-verify`` (``pip install 'balora[eval]'``): intervals with their open/closed
+  ends, sets and unordered lists ("1, 2" = "2, 1"), ordered tuples, matrices, ``\\log_2 8`` = 3, ...
+  Without math-verify, the older sympy comparison of :func:`latex_to_sympy_text` is used, with a
+  warning: it reads brackets as parentheses ("[0,1]" = "[0,1)") and has no sets, matrices or logs
+  with a base (see :func:`answers_equal`, ``grader``).
 """
 
 from __future__ import annotations
 
 import atexit
 import gzip
+import importlib.util
 import json
+import logging
 import os
 import re
 import select
@@ -30,15 +36,20 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "GRADERS",
+    "MATH_VERIFY_MISSING",
     "answers_equal",
     "default_gsm8k_path",
     "extract_answer",
     "gsm8k_gold",
     "latex_to_sympy_text",
     "load_gsm8k",
+    "math_verify_available",
     "normalize_number",
     "score_math",
 ]
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- number syntax
 
@@ -70,7 +81,8 @@ def _strip_wrappers(s: str) -> str:
     for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
             s = s[len(left): len(s) - len(right)].strip()
-    s = s.replace("\\!", "").replace("{,}", ",").replace("\\,", "").replace("\\ ", " ")
+    s = s.replace("\\!", "").replace("{,}", ",").replace("\\,", "")
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " a matrix row break and a space
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"^\\displaystyle\s*", "", s)
@@ -363,12 +375,19 @@ class _SympyWorker:
 
     def compare(self, a: str, b: str, timeout: float) -> bool | None:
         """True/False, or None when the comparison timed out or failed."""
+        return self.request({"a": a, "b": b}, timeout)
+
+    def math_verify(self, gold: str, pred: str, timeout: float) -> bool | None:
+        """math-verify's verdict on (gold, pred), or None when it timed out or failed."""
+        return self.request({"mode": "math_verify", "gold": gold, "pred": pred, "timeout": timeout}, timeout + 1.0)
+
+    def request(self, payload: dict[str, Any], timeout: float) -> bool | None:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
             proc = self._proc
             try:
-                proc.stdin.write(json.dumps({"a": a, "b": b}) + "\n")
+                proc.stdin.write(json.dumps(payload) + "\n")
                 proc.stdin.flush()
             except BrokenPipeError:
                 self._kill()
@@ -407,25 +426,66 @@ def _canonical_text(s: str) -> str:
     return re.sub(r"\s+", "", s)
 
 
+GRADERS = ("auto", "math-verify", "balora")
+MATH_VERIFY_MISSING = ("math-verify is not installed; symbolic math answers (MATH) are graded with it: "
+                       "pip install 'balora[eval]' (or pip install math-verify)")
+_warned_fallback = [False]
+
+
+def math_verify_available() -> bool:
+    """Whether Hugging Face's ``math-verify`` (the ``eval`` extra) can be imported."""
+    return importlib.util.find_spec("math_verify") is not None
+
+
+def _unbox(s: str) -> str:
+    boxed = _last_boxed(s)
+    return boxed if boxed is not None else s
+
+
 def answers_equal(pred: str | None, gold: str | None, *, symbolic: bool = False,
-                  timeout: float = 5.0) -> bool:
+                  timeout: float = 5.0, grader: str = "auto") -> bool:
     """Whether a predicted answer matches the gold one.
 
-    Numbers compare exactly (see the module doc for units, percent and separators); otherwise the
-    normalised LaTeX strings are compared, and with ``symbolic=True`` both sides are converted by
-    :func:`latex_to_sympy_text` and compared with sympy (``simplify(a - b) == 0``, then numeric
-    evaluation) in a killable child process; a comparison that exceeds ``timeout`` counts as
-    not equal.
+    ``grader="auto"`` (the default): numbers compare exactly here (see the module doc for units,
+    percent and separators; the GSM8K/ASDiv path, no child process); then the normalised LaTeX
+    strings (``\\boxed{}`` removed); then, with ``symbolic=True``, Hugging Face's math-verify
+    (intervals, sets and unordered lists, tuples, matrices, logarithms, ...), or, when it is not
+    installed, the sympy comparison below with a warning naming the extra.
+
+    ``grader="math-verify"``: math-verify alone (ImportError naming the extra when it is missing).
+    ``grader="balora"``: the older grader only: both sides converted by :func:`latex_to_sympy_text` and
+    compared with sympy (``simplify(a - b) == 0``, then numeric evaluation).
+
+    Both symbolic graders run in a killable child process; a comparison that exceeds ``timeout``
+    counts as not equal.
     """
+    if grader not in GRADERS:
+        raise ValueError(f"grader must be one of {', '.join(GRADERS)}, got {grader!r}")
     if pred is None or gold is None:
         return False
+    if grader == "math-verify":
+        if not math_verify_available():
+            raise ImportError(MATH_VERIFY_MISSING)
+        return bool(_WORKER.math_verify(gold, pred, timeout))
     p, g = normalize_number(pred), normalize_number(gold)
     if p is not None and g is not None:
         return p == g
+    if grader == "auto":
+        pred, gold = _unbox(pred), _unbox(gold)
+        p, g = normalize_number(pred), normalize_number(gold)
+        if p is not None and g is not None:
+            return p == g
     if _canonical_text(pred) == _canonical_text(gold):
         return True
     if not symbolic:
         return False
+    if grader == "auto":
+        if math_verify_available():
+            return bool(_WORKER.math_verify(gold, pred, timeout))
+        if not _warned_fallback[0]:
+            _warned_fallback[0] = True
+            logger.warning("%s; falling back to balora's sympy grader (no intervals, sets, matrices)",
+                           MATH_VERIFY_MISSING)
     a, b = latex_to_sympy_text(pred), latex_to_sympy_text(gold)
     if a is None or b is None:
         return False
@@ -435,7 +495,7 @@ def answers_equal(pred: str | None, gold: str | None, *, symbolic: bool = False,
 # ---------------------------------------------------------------- scoring and data
 
 def score_math(records: Iterable[Mapping[str, Any]], *, symbolic: bool = False,
-               timeout: float = 5.0) -> dict[str, Any]:
+               timeout: float = 5.0, grader: str = "auto") -> dict[str, Any]:
     """Accuracy over records with ``completion`` and ``gold`` (and optionally ``prompt`` or
     ``question``); returns ``{"accuracy", "correct", "total", "records": [...]}`` where each
     record holds prompt, completion, extracted, gold, correct."""
@@ -450,7 +510,7 @@ def score_math(records: Iterable[Mapping[str, Any]], *, symbolic: bool = False,
             "completion": rec["completion"],
             "extracted": extracted,
             "gold": gold,
-            "correct": answers_equal(extracted, gold, symbolic=symbolic, timeout=timeout),
+            "correct": answers_equal(extracted, gold, symbolic=symbolic, timeout=timeout, grader=grader),
         })
     correct = sum(r["correct"] for r in out)
     return {"accuracy": correct / len(out) if out else 0.0, "correct": correct,

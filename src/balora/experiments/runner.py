@@ -71,11 +71,10 @@ def _evaluate(cell: Cell, say: Say) -> dict[str, Any]:
     ev = cell.config.eval
     if not ev.tasks:
         return {}
-    from balora.evaluation.harness import evaluate  # the evaluation stack: only for cells with tasks
+    # the evaluation stack: only for cells with tasks; the same code as `balora train`'s eval.tasks
+    from balora.evaluation.run_tasks import evaluate_run_tasks
 
-    report = evaluate(str(cell.run_dir), list(ev.tasks), limit=ev.limit, batch_size=ev.batch_size,
-                      max_new_tokens=ev.max_new_tokens, progress=lambda m: say(f"  {m}"))
-    return {task: entry.get("metrics", {}) for task, entry in report.get("tasks", {}).items()}
+    return evaluate_run_tasks(cell.run_dir, ev, untuned=False, progress=lambda m: say(f"  {m}"))["tuned"]
 
 
 def _dir_bytes(path: Path) -> int | None:

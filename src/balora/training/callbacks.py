@@ -1,5 +1,5 @@
-"""A tqdm progress bar that shows the running task loss and each BA-LoRA term (replaces the
-Trainer's bar, which prints whole log dictionaries)."""
+"""Progress bars: one for training, showing the running task loss and each BA-LoRA term (it replaces the
+Trainer's bar, which prints whole log dictionaries), and one for each evaluation or prediction pass."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ _SHORT = {"task_loss": "task", "balora/consistency": "CR", "balora/diversity": "
 class BALoraProgressCallback(TrainerCallback):
     def __init__(self) -> None:
         self.bar: Any = None
+        self.eval_bar: Any = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -35,3 +36,25 @@ class BALoraProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero or eval_dataloader is None:
+            return
+        try:
+            total = len(eval_dataloader)
+        except TypeError:  # an iterable dataset: no length, no bar
+            return
+        if self.eval_bar is None:
+            self.eval_bar = tqdm(total=total, desc="evaluate", leave=self.bar is None, dynamic_ncols=True)
+        self.eval_bar.update(1)
+
+    def _close_eval_bar(self) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._close_eval_bar()
+
+    def on_predict(self, args, state, control, **kwargs):
+        self._close_eval_bar()

@@ -24,13 +24,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from balora.core.config import ConfigError
+from balora.core.config import ALL_LINEAR, ConfigError
+from balora.training.quiet import quiet_warnings
 from balora.training.run_config import TRAINING_DEFAULTS, RunConfig
 
 __all__ = ["check_before_loading"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _HALF_PRECISION = ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval")
+#: report_to integrations with an extra of their own in pyproject.toml (``pip install 'balora[NAME]'``)
+REPORT_EXTRAS = ("tensorboard", "wandb")
 
 
 def check_before_loading(cfg: RunConfig) -> None:
@@ -84,7 +87,8 @@ def _check_training_arguments(cfg: RunConfig) -> None:
     options = cfg.training_arguments()
     with tempfile.TemporaryDirectory(prefix="balora-preflight-") as scratch:
         def build(**kwargs: Any) -> None:
-            TrainingArguments(output_dir=scratch, disable_tqdm=True, **kwargs)
+            with quiet_warnings():  # `train_run` builds them again: its warnings, once
+                TrainingArguments(output_dir=scratch, disable_tqdm=True, **kwargs)
 
         try:
             build(**options)
@@ -129,8 +133,9 @@ def _check_report_to(cfg: RunConfig) -> None:
             raise ConfigError(f"training.report_to: {name!r} is not a transformers integration; known: "
                               f"{', '.join(sorted(known))} (or [] for none)")
         if name not in available:
-            raise ConfigError(f"training.report_to: {name!r} is not installed here; install its package "
-                              "(e.g. pip install wandb) or drop it from training.report_to ([] reports nowhere)")
+            extra = f"pip install 'balora[{name}]'" if name in REPORT_EXTRAS else f"pip install {name}"
+            raise ConfigError(f"training.report_to: {name!r} is not installed here; install it ({extra}) "
+                              "or drop it from training.report_to ([] reports nowhere)")
 
 
 # ---------------------------------------------------------------------------- the model
@@ -188,16 +193,29 @@ def matches_module(target: str, names: list[str]) -> bool:
 
 def _check_modules(cfg: RunConfig, model_config: Any) -> None:
     adapter = cfg.adapter
-    if not adapter.target_modules and not adapter.modules_to_save:
+    targets = adapter.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = None  # PEFT finds the linear layers itself (every model has some)
+    if not targets and not adapter.modules_to_save:
         return
     names = _module_names(cfg, model_config)
+    if isinstance(targets, str):  # PEFT: a regular expression that must match a whole module name
+        if not any(re.fullmatch(targets, name) for name in names):
+            raise ConfigError(f"adapter.target_modules: the regular expression {targets!r} matches no module of "
+                              f"{cfg.model.name!r} (a string must match a whole name, e.g. "
+                              f"'.*\\.(query|value)'; a list matches name suffixes); its module names "
+                              f"end in: {', '.join(_leaves(names))}")
     for option in ("target_modules", "modules_to_save"):
-        missing = [t for t in getattr(adapter, option) or [] if not matches_module(t, names)]
+        wanted = getattr(adapter, option)
+        missing = [t for t in (wanted if isinstance(wanted, list) else []) if not matches_module(t, names)]
         if missing:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
             raise ConfigError(f"adapter.{option}: {', '.join(map(repr, missing))} "
                               f"{'matches' if len(missing) == 1 else 'match'} no module of {cfg.model.name!r}; "
-                              f"its module names end in: {', '.join(leaves)}")
+                              f"its module names end in: {', '.join(_leaves(names))}")
+
+
+def _leaves(names: list[str]) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
 
 
 # ---------------------------------------------------------------------------- the data

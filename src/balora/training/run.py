@@ -22,6 +22,7 @@ The run directory holds::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,7 +54,9 @@ from balora.training import data as D
 from balora.training.callbacks import BALoraProgressCallback
 from balora.training.faults import maybe_fail
 from balora.training.metrics import classification_metrics, regression_metrics
-from balora.training.preflight import check_before_loading
+from balora.training.model_card import adapter_metadata, build_model_card, hub_model_id_default
+from balora.training.preflight import accelerator, check_before_loading
+from balora.training.quiet import quiet_transformers, quiet_warnings
 from balora.training.run_config import TRAINING_DEFAULTS, RunConfig, dump_run_config, run_config_from_dict
 from balora.training.trainer import (
     BALoraTrainer,
@@ -73,6 +76,7 @@ from balora.utils import (
     versions,
     write_json,
     write_status,
+    write_text_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,9 +191,11 @@ def load_base_model(cfg: RunConfig, label_map: dict[str, int] | None = None) -> 
             if id2label:
                 kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
             set_seed(cfg.seed)  # the head's initialisation
-            return AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            with quiet_transformers():  # its load report: the fresh head is "missing", by design
+                return AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, **kwargs)
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise OSError(f"model.name={cfg.model.name!r}: cannot load the model ({error}). Offline, use "
                       "asset:smollm2 or asset:minilm after `balora assets fetch`, or a local directory.") from error
@@ -306,6 +312,18 @@ def _save_dir(target: Path, save: Any) -> None:
     os.replace(partial, target)
 
 
+def refuse_trainer_push(cfg: RunConfig) -> None:
+    """``training.push_to_hub`` is refused: the Trainer's own push uploads ``checkpoints/`` (optimizer
+    states included, no converted LoRA, PEFT's blank card) to a repository named after that folder
+    unless ``hub_model_id`` is set. ``balora push`` shares the finished run instead."""
+    if cfg.training.get("push_to_hub"):
+        repo = cfg.training.get("hub_model_id") or f"<user>/{hub_model_id_default(cfg)}"
+        raise ConfigError(f"training.push_to_hub: not supported: the Trainer would upload checkpoints/ (optimizer "
+                          f"states included) rather than the adapter and its model card. Remove it, train, then "
+                          f"share the run with `balora push {cfg.output_dir} {repo}` (adapter/, lora_converted/ "
+                          "and the model card)")
+
+
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, show_progress: bool = True,
               callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train, save the artefacts and evaluate; returns what it writes to ``metrics.json``.
@@ -315,7 +333,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, show
     a warning); a configuration that differs from the stored config.yaml is refused unless ``force``
     (see RESUME_MAY_CHANGE); a finished run is not trained again.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. ``balora lab spectrum``'s
-    snapshots)."""
+    snapshots). ``cfg.output_dir`` is made absolute (config.yaml stores it so: resuming from that file
+    from another working directory continues the same run)."""
+    cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).expanduser().resolve()))
+    refuse_trainer_push(cfg)
     check_before_loading(cfg)  # every bad value refused before the model loads and before anything is written
     out = Path(cfg.output_dir)
     try:
@@ -393,8 +414,9 @@ def _train_locked(cfg: RunConfig, out: Path, rank0: bool, *, resume: bool, force
             "resumed_from": str(resume_from) if resume_from else None,
             "trained": previous.get("trained") if resume else None})
     try:
-        metrics = _run(cfg, out, resume_from, previous.get("trained") if resume else None, grew, status,
-                       show_progress, callbacks)
+        with quiet_warnings():  # the libraries' known, handled warnings (balora.training.quiet); -v shows them
+            metrics = _run(cfg, out, resume_from, previous.get("trained") if resume else None, grew, status,
+                           show_progress, callbacks)
     except BaseException as error:
         status("failed", reason=f"{type(error).__name__}: {error}"[:2000], finished_at=now_iso())
         raise
@@ -418,6 +440,9 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
     peft_model = build_peft_model(model, adapter, cfg.model.task)
     trainable, total = trainable_parameter_count(peft_model)
 
+    if "dataloader_pin_memory" not in cfg.training and accelerator() is None:
+        training["dataloader_pin_memory"] = False  # nothing to pin for on a CPU-only machine (torch warns)
+    # training.output_dir and training.disable_tqdm are refused when the YAML is read (run_config): balora sets them
     args = TrainingArguments(output_dir=str(checkpoints), disable_tqdm=True, **training)
     trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=data.train,
                             eval_dataset=data.validation or None, data_collator=data.collator,
@@ -474,11 +499,17 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
     if not trainer.is_world_process_zero():  # under accelerate launch, rank 0 alone writes the artefacts
         return metrics
     status("running", phase="saving")
-    meta = {"method": cfg.method, "init_seed": adapter.init_seed, "pissa_niter": adapter.pissa_niter,
-            "base_model": cfg.model.name}
-    _save_dir(out / "adapter", lambda d: (save_adapter(peft_model, d, meta), tokenizer.save_pretrained(d)))
+    # adapter_config.json names the base by its hub id (asset:NAME → its upstream id), balora_adapter.json
+    # keeps model.name too (asset:NAME loads offline); each folder gets the model card (model_card.py)
+    meta = adapter_metadata(cfg)
+    hub_id = meta["base_model_hub_id"]
+    card = build_model_card(cfg, metrics, label_map=data.label_map,
+                            target_modules=peft_model.peft_config[peft_model.active_adapter].target_modules)
+    _save_dir(out / "adapter", lambda d: (save_adapter(peft_model, d, meta, base_model_name_or_path=hub_id),
+                                          tokenizer.save_pretrained(d), write_text_atomic(d / "README.md", card)))
     maybe_fail("final-save")  # testing hook (balora.training.faults)
-    _save_dir(out / "lora_converted", lambda d: save_converted_lora(peft_model, d))
+    _save_dir(out / "lora_converted", lambda d: (save_converted_lora(peft_model, d, base_model_name_or_path=hub_id),
+                                                 write_text_atomic(d / "README.md", card)))
     if cfg.save_merged:
         _save_dir(out / "merged", lambda d: save_merged(peft_model, d, tokenizer))
     write_json(out / "log_history.json", trainer.state.log_history)

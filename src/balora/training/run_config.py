@@ -265,7 +265,9 @@ _TRAINING_RANGES: dict[str, tuple[Any, str]] = {
 }
 # set by balora itself: a value here would clash with it
 _TRAINING_RESERVED = {"output_dir": "it is <output_dir>/checkpoints; set the top-level output_dir",
-                      "disable_tqdm": "balora shows its own progress bar; use `balora train --no-progress`"}
+                      "disable_tqdm": "balora shows its own progress bar; use `balora train --no-progress`",
+                      "resume_from_checkpoint": "resume with `balora train CONFIG --resume`, which continues from "
+                                                "the latest complete checkpoint of <output_dir>/checkpoints"}
 
 
 def _check_training_values(data: dict[str, Any], hints: dict[str, Any]) -> None:
@@ -412,6 +414,22 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("balora") / "configs" / name))
 
 
+def preset_names() -> list[str]:
+    """The names of the packaged presets (``nlu-rotten-tomatoes-minilm``, ...), sorted."""
+    folder = resources.files("balora") / "configs"
+    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """``name`` if that file exists, else the packaged preset of that name (``NAME`` or ``NAME.yaml``, as
+    ``balora presets`` lists them); a path that is neither is returned as given (its reader says so)."""
+    path = Path(name)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    return preset_path(f"{stem}.yaml") if stem in preset_names() else path
+
+
 def read_yaml(path: str | Path) -> Any:
     """A YAML file with "1e-3"-style strings read as numbers; a syntax error names the file and line."""
     path = Path(path)
@@ -424,10 +442,12 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run configuration, apply overrides, check everything."""
-    path = Path(path)
+    """Read a YAML run configuration (a file, or the name of a packaged preset when no such file exists),
+    apply overrides, check everything."""
+    path = find_config(path)
     if not path.exists():
-        raise ConfigError(f"{path}: no such configuration file")
+        raise ConfigError(f"{path}: no such configuration file (nor a packaged preset; `balora presets` lists them: "
+                          f"{', '.join(preset_names())})")
     data = read_yaml(path) or {}
     try:
         return run_config_from_dict(apply_overrides(data, overrides or []))

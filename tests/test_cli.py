@@ -54,7 +54,7 @@ def test_override_into_a_scalar_is_an_error():
     "data,message",
     [
         ({"trainng": {}}, "trainng: unknown section; known: adapter, balora, data, divergence_factor, eval, method, "
-                          "model, output_dir, save_merged, training"),
+                          "model, output_dir, reference_cache, save_merged, training"),
         ({"data": {"txt_field": "x"}}, "data.txt_field: unknown option; known options: "),
         ({"data": {"max_length": "long"}}, "data.max_length: expected int, got 'long'"),
         ({"model": {"task": "seq2seq"}}, "model.task: expected Literal['nlg', 'nlu'], got 'seq2seq'"),

@@ -57,6 +57,7 @@ from balora.training.metrics import classification_metrics, regression_metrics
 from balora.training.model_card import adapter_metadata, build_model_card, hub_model_id_default
 from balora.training.preflight import accelerator, check_before_loading
 from balora.training.quiet import quiet_transformers, quiet_warnings
+from balora.training.reference_store import IndexedCollator, store_for_run, with_example_index
 from balora.training.run_config import TRAINING_DEFAULTS, RunConfig, dump_run_config, run_config_from_dict
 from balora.training.trainer import (
     BALoraTrainer,
@@ -243,9 +244,10 @@ def latest_checkpoint(checkpoints: Path) -> str | None:
 
 # What may differ from the stored config.yaml on --resume: where the run lives, how it is logged,
 # saved and evaluated, not what is trained. RESUME_MAY_GROW may only increase (train for longer).
-RESUME_MAY_CHANGE = ("output_dir", "save_merged", "divergence_factor", "eval", "training.logging_steps",
-                     "training.save_steps", "training.save_total_limit", "training.report_to", "training.logging_dir",
-                     "training.disable_tqdm", "training.dataloader_num_workers", "training.per_device_eval_batch_size")
+RESUME_MAY_CHANGE = ("output_dir", "save_merged", "divergence_factor", "reference_cache", "eval",
+                     "training.logging_steps", "training.save_steps", "training.save_total_limit",
+                     "training.report_to", "training.logging_dir", "training.disable_tqdm",
+                     "training.dataloader_num_workers", "training.per_device_eval_batch_size")
 RESUME_MAY_GROW = ("training.max_steps", "training.num_train_epochs")
 
 
@@ -444,9 +446,14 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
         training["dataloader_pin_memory"] = False  # nothing to pin for on a CPU-only machine (torch warns)
     # training.output_dir and training.disable_tqdm are refused when the YAML is read (run_config): balora sets them
     args = TrainingArguments(output_dir=str(checkpoints), disable_tqdm=True, **training)
-    trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=data.train,
-                            eval_dataset=data.validation or None, data_collator=data.collator,
-                            balora_config=cfg.balora_config(), divergence_factor=cfg.divergence_factor)
+    # reference_cache (docs/design/reference-cache.md): examples carry their index to fetch their entries
+    store = store_for_run(cfg, peft_model, tokenizer, data.train, data.collator, out, args.device)
+    train_data, collator = ((with_example_index(data.train), IndexedCollator(data.collator)) if store is not None
+                            else (data.train, data.collator))
+    trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=train_data,
+                            eval_dataset=data.validation or None, data_collator=collator,
+                            balora_config=cfg.balora_config(), divergence_factor=cfg.divergence_factor,
+                            reference_cache=store)
     if show_progress:  # our bar shows the loss and each term; the Trainer's printer would repeat whole dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(BALoraProgressCallback())

@@ -109,6 +109,10 @@ class RunConfig:
     save_merged: bool = False  # also write merged/ (the full fine-tuned model)
     # stop when a logged task loss exceeds this factor × the median of the previous ones (null = off)
     divergence_factor: float | None = 100.0
+    # the consistency term's reference outputs from an on-disk cache (docs/design/reference-cache.md):
+    # "off" (the reference forward at every step), "auto" (<output_dir>/reference_cache, built before
+    # training when absent), or the path of a cache built for this model and data (refused on a mismatch)
+    reference_cache: str = "off"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     balora: BALoraConfig | None = None  # None: the paper's defaults for model.task
@@ -120,6 +124,8 @@ class RunConfig:
         if self.divergence_factor is not None and not self.divergence_factor > 1:
             raise ConfigError(f"divergence_factor: must be > 1, or null to turn the check off; "
                               f"got {self.divergence_factor!r}")
+        if not isinstance(self.reference_cache, str) or not self.reference_cache.strip():
+            raise ConfigError(f"reference_cache: off, auto or the path of a cache; got {self.reference_cache!r}")
         if self.balora is None:
             self.balora = BALoraConfig(task=self.model.task)
         elif self.balora.task != self.model.task:
@@ -162,7 +168,9 @@ class RunConfig:
                 "divergence_factor": self.divergence_factor, "model": dataclasses.asdict(self.model),
                 "adapter": adapter,
                 "balora": {k: v for k, v in balora.items() if k != "task"}, "data": dataclasses.asdict(self.data),
-                "training": dict(self.training), "eval": dataclasses.asdict(self.eval)}
+                "training": dict(self.training), "eval": dataclasses.asdict(self.eval),
+                # written only when used: config.yaml of runs without a cache stays as it was
+                **({"reference_cache": self.reference_cache} if self.reference_cache != "off" else {})}
 
 
 # ---------------------------------------------------------------------------- checking
@@ -283,8 +291,8 @@ def _check_training_values(data: dict[str, Any], hints: dict[str, Any]) -> None:
             raise ConfigError(f"training.{key}: expected {_describe(hints[key])}, got {value!r}")
 
 
-TOP_LEVEL = ("method", "output_dir", "save_merged", "divergence_factor", "model", "adapter", "balora", "data",
-             "training", "eval")
+TOP_LEVEL = ("method", "output_dir", "save_merged", "divergence_factor", "reference_cache", "model", "adapter",
+             "balora", "data", "training", "eval")
 
 
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -311,7 +319,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     for key in data:
         if key not in TOP_LEVEL:
             raise ConfigError(f"{key}: unknown section; known: {', '.join(sorted(TOP_LEVEL))}")
-    for key in ("output_dir", "save_merged", "divergence_factor"):
+    for key in ("output_dir", "save_merged", "divergence_factor", "reference_cache"):
         if key in data:
             annotation = typing.get_type_hints(RunConfig)[key]
             if not _type_ok(data[key], annotation):
@@ -324,6 +332,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = RunConfig(
         output_dir=data.get("output_dir", RunConfig.output_dir), save_merged=data.get("save_merged", False),
         divergence_factor=data.get("divergence_factor", RunConfig.divergence_factor),
+        reference_cache=data.get("reference_cache", RunConfig.reference_cache),
         adapter=_build_checked(AdapterConfig, {**adapter, "method": data.get("method", "ba-lora")}, "adapter",
                                {"method": "method"}),
         balora=_build_checked(BALoraConfig, {**balora, "task": sections["model"].task}, "balora",

@@ -24,13 +24,14 @@ from balora.core.config import BALoraConfig
 from balora.core.fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
 from balora.core.losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate, nlu_terms
 from balora.core.reference import ReferenceSnapshot, reference_forward, teacher_forward
+from balora.core.reference_cache import nlu_reference_logits
 from balora.training.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
 
 TERMS = ("consistency", "diversity", "svd")
 # Keys that collators (ours, TRL's) add but the model's forward does not take.
-_NON_MODEL_KEYS = ("labels", "completion_mask", "assistant_masks")
+_NON_MODEL_KEYS = ("labels", "completion_mask", "assistant_masks", "example_index")
 
 
 def capture_head_input(model: nn.Module, store: list[torch.Tensor]) -> Any:
@@ -126,6 +127,11 @@ class BALoraTrainerMixin:
             times the median of the previously logged ones: a finite divergence (a loss of 1e15 after
             a learning rate of 1e3). ``None`` = off; a NaN or infinity always stops. A checkpoint
             whose trainable tensors are not all finite is never written.
+        reference_cache: an opened `balora.training.reference_store.ReferenceStore` of this model's
+            reference outputs on the training dataset, whose batches carry ``example_index``
+            (`IndexedCollator`): the consistency term then reads the cache instead of running the
+            reference forward (NLG: the fused path only; NLU: the cached pooled features through the
+            step-0 head). Where it does not apply the online reference is kept, with a logged reason.
 
     Logged at each logging step (means over the window): ``task_loss``, the raw terms
     ``balora/consistency``, ``balora/diversity``, ``balora/svd``, the weighted ones
@@ -134,6 +140,7 @@ class BALoraTrainerMixin:
     """
 
     _fused_checked = False
+    _cache: Any = None  # the reference cache in use (see `_usable_cache`)
 
     def __init__(
         self,
@@ -143,6 +150,7 @@ class BALoraTrainerMixin:
         fused_loss: bool = True,
         loss_chunk_size: int = 1024,
         divergence_factor: float | None = 100.0,
+        reference_cache: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -169,6 +177,34 @@ class BALoraTrainerMixin:
                              "set reference='teacher'")
         elif balora_config.lambda_consistency > 0:
             self._snapshot = ReferenceSnapshot.for_peft_model(self.accelerator.unwrap_model(self.model))
+        self._cache = self._usable_cache(reference_cache)
+
+    def _usable_cache(self, store: Any) -> Any:
+        """The reference cache when it applies, else None (with the reason logged)."""
+        cfg = self.balora_config
+        if store is None:
+            return None
+        if cfg is None or cfg.lambda_consistency == 0:
+            logger.warning("BA-LoRA: reference cache unused: no consistency term")
+            return None
+        if cfg.reference == "teacher":
+            raise ValueError("reference_cache holds the snapshot's outputs; it cannot stand for reference='teacher'")
+        if store.task != cfg.task:
+            raise ValueError(f"reference_cache was built for task {store.task!r}, not {cfg.task!r}")
+        if cfg.task == "nlg":
+            if self._fused is None:
+                logger.warning("BA-LoRA: reference cache unused: the loss is computed from full logits (online "
+                               "reference forward)")
+                return None
+            if store.temperature != float(cfg.temperature):
+                raise ValueError(f"reference_cache was built at temperature {store.temperature}, "
+                                 f"not {cfg.temperature}")
+        return store
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if "example_index" not in self._signature_columns:  # kept for the reference cache's lookups
+            self._signature_columns.append("example_index")
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(
@@ -182,10 +218,13 @@ class BALoraTrainerMixin:
         if model.training:
             maybe_fail("step")
         labels = inputs["labels"]
+        if cfg is not None and self._cache is not None and inputs.get("example_index") is None:
+            raise ValueError("reference_cache is set but the batch has no example_index: train on "
+                             "reference_store.with_example_index(dataset) with IndexedCollator(collator)")
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         task = cfg.task if cfg is not None else self._task_of(model)
         if task == "nlg" and model.training and self._fused is not None:
-            outputs, terms = self._fused_nlg_terms(model, model_inputs, labels, cfg)
+            outputs, terms = self._fused_nlg_terms(model, model_inputs, labels, cfg, inputs.get("example_index"))
             if terms is not None:
                 loss = self._combine(terms, num_items_in_batch)
                 return (loss, outputs) if return_outputs else loss
@@ -197,7 +236,12 @@ class BALoraTrainerMixin:
         finally:
             if hook is not None:
                 hook.remove()
-        ref_logits = self._reference_logits(model, model_inputs) if cfg is not None else None
+        if cfg is None:
+            ref_logits = None
+        elif task == "nlu" and self._cache is not None and inputs.get("example_index") is not None:
+            ref_logits = self._cached_nlu_logits(model, inputs["example_index"])
+        else:
+            ref_logits = self._reference_logits(model, model_inputs)
 
         try:
             if task == "nlg":
@@ -264,7 +308,8 @@ class BALoraTrainerMixin:
         return head.weight, head.bias, OutputLayerFactor(head.weight, head.bias)
 
     def _fused_nlg_terms(self, model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor,
-                         cfg: BALoraConfig | None) -> tuple[Any, MicroBatchTerms | None]:
+                         cfg: BALoraConfig | None, example_index: torch.Tensor | None = None,
+                         ) -> tuple[Any, MicroBatchTerms | None]:
         """Student forward that keeps only the last position's logits and returns the final hidden
         states (after the final norm), then the task loss and the terms from them, chunk-wise."""
         weight, bias, factor = self._fused
@@ -280,11 +325,15 @@ class BALoraTrainerMixin:
                                "output layer; computing the loss from full logits")
                 self._fused = None
                 return outputs, None
-        ref_hidden = None
+        ref_hidden, cached = None, None
         if cfg is not None and cfg.lambda_consistency > 0:
-            ref_hidden = self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
+            if self._cache is not None and example_index is not None:
+                u, s = self._cache.nlg_entries(example_index.tolist())
+                cached = (u.to(hidden.device), s.to(hidden.device))
+            else:
+                ref_hidden = self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
         terms = nlg_terms_from_hidden(hidden, labels, weight, bias, cfg, ref_hidden,
-                                      chunk_size=self.loss_chunk_size, svd_factor=factor)
+                                      chunk_size=self.loss_chunk_size, svd_factor=factor, cached_reference=cached)
         return outputs, terms
 
     # ------------------------------------------------------------------ the reference
@@ -299,6 +348,17 @@ class BALoraTrainerMixin:
         if cfg is None or cfg.lambda_consistency == 0:
             return None
         return self._reference_outputs(model, model_inputs).logits
+
+    def _cached_nlu_logits(self, model: nn.Module, example_index: torch.Tensor) -> torch.Tensor:
+        """The reference logits from the cached pre-trained features: the step-0 head applied to them."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        head = getattr(core, "classifier", None) or getattr(core, "score", None)
+        prefix = next(f"{name}." for name, module in unwrapped.named_modules() if module is head)
+        state = {n[len(prefix):]: t for n, t in self._snapshot.matching(unwrapped).items() if n.startswith(prefix)}
+        weight = next(head.parameters())
+        features = self._cache.nlu_features(example_index.tolist()).to(weight.device, weight.dtype)
+        return nlu_reference_logits(features, head, state)
 
     @property
     def reference_snapshot(self) -> ReferenceSnapshot | None:

@@ -16,7 +16,7 @@ import yaml
 from balora.core.config import ConfigError
 from balora.experiments.grid import Cell
 from balora.training.run_config import run_config_from_dict
-from balora.utils import CorruptFileError, quarantine, read_json
+from balora.utils import CorruptFileError, config_differences, pid_alive, quarantine, read_json
 
 __all__ = ["SCHEMA_VERSION", "cell_state", "check_stale", "claim", "load_result", "quarantine_result", "release"]
 
@@ -70,15 +70,6 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in config.items() if k != "output_dir"}, default=str))
 
 
-def _diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in list(old) + [k for k in new if k not in old]:
-            out += _diff_paths(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
-
-
 def _stored_config(cell: Cell) -> dict[str, Any] | None:
     result = _read_result(cell)
     if result is not None:
@@ -103,7 +94,7 @@ def check_stale(cells: list[Cell]) -> None:
         stored = _stored_config(cell)
         if stored is None:
             continue
-        diffs = _diff_paths(_comparable(_with_defaults(stored)), _comparable(cell.config.to_dict()))
+        diffs = config_differences(_comparable(_with_defaults(stored)), _comparable(cell.config.to_dict()))
         if diffs:
             raise ConfigError(f"cell {cell.id}: {cell.dir} was made with another configuration "
                               f"({'; '.join(diffs[:5])}); delete that directory to redo the cell, or "
@@ -113,16 +104,6 @@ def check_stale(cells: list[Cell]) -> None:
 # ---------------------------------------------------------------------------- claims
 def _claim_path(cell: Cell) -> Path:
     return cell.dir / "running.pid"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def claim(cell: Cell) -> int | None:
@@ -141,7 +122,7 @@ def claim(cell: Cell) -> int | None:
         except FileExistsError:
             text = path.read_text().strip() if path.exists() else ""
             owner = int(text) if text.isdigit() else None
-            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
                 return owner
             path.unlink(missing_ok=True)  # stale: its process is gone
             continue

@@ -142,6 +142,11 @@ def test_shards_share_the_search_and_agree_on_the_choice(tmp_path, tiny_assets, 
     assert second["cells"]["ok"] == 4
 
 
+def test_only_summary_refuses_an_unfinished_selection(tmp_path, tiny_assets):  # noqa: F811
+    with pytest.raises(ConfigError, match=r"model selection is not complete \(0 of 5 search cells finished\)"):
+        run_compare(write_spec(tmp_path, tiny_assets), only_summary=True, say=lambda m: None)
+
+
 def test_dry_run_lists_the_search_and_waits_with_the_grid(tmp_path, tiny_assets):  # noqa: F811
     messages: list[str] = []
     cells = run_compare(write_spec(tmp_path, tiny_assets), dry_run=True, say=messages.append)["cells"]

@@ -235,6 +235,11 @@ def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bo
                 return {"cells": rows}
             return {"cells": rows + _list_cells(spec, build_cells(spec, choose(spec, searches)["choices"]), say)}
         check_stale(searches)
+        if only_summary and not selection_complete(searches):
+            done = sum(cell_state(c) in ("ok", "failed") for c in searches)
+            raise ConfigError(f"{spec.source}: the model selection is not complete ({done} of {len(searches)} "
+                              f"search cells finished), so no choice can be summarised yet; run `balora compare "
+                              f"{spec.source}` to finish it")
         if not only_summary:
             _run_cells(_shard(searches, shard), **run)
             _finish_selection(searches, poll_seconds, **run)

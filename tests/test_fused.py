@@ -70,9 +70,9 @@ def test_values_and_gradients_match_full_logits(dtype, with_bias, top_k, tempera
 
 
 def test_bf16_output_layer_cast_in_vocabulary_blocks(monkeypatch):
-    import balora.core.fused
+    import balora.core.output_layer
 
-    monkeypatch.setattr(balora.core.fused, "_CAST_ELEMENTS", 7 * D)  # 43 blocks of 7 rows
+    monkeypatch.setattr(balora.core.output_layer, "CAST_ELEMENTS", 7 * D)  # 43 blocks of 7 rows
     hidden, ref, weight, bias, labels = _inputs(torch.bfloat16, True)
     weight, bias = weight.bfloat16(), bias.bfloat16()
     cfg = BALoraConfig(top_k=5, svd_k=3)

@@ -23,38 +23,12 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from balora.core import output_layer
 from balora.core import regularizers as R
 from balora.core.config import BALoraConfig
 from balora.core.losses import MicroBatchTerms, shifted_targets
+from balora.core.output_layer import logits_into, times_weight
 from balora.core.reference_cache import consistency_from_cache
-
-# Vocabulary rows cast to float32 at a time when the output layer is stored in another dtype: a
-# whole float32 copy of a large lm_head can outweigh the logits chunk we are trying to avoid.
-_CAST_ELEMENTS = 1 << 24
-
-
-def _weight_blocks(weight: torch.Tensor, bias: torch.Tensor | None):
-    """Yield (start, stop, W block, b block) in float32, the whole matrix when already float32."""
-    vocab, dim = weight.shape
-    step = vocab if weight.dtype == torch.float32 else max(1, _CAST_ELEMENTS // dim)
-    for v0 in range(0, vocab, step):
-        v1 = min(vocab, v0 + step)
-        yield v0, v1, weight[v0:v1].float(), None if bias is None else bias[v0:v1].float()
-
-
-def _logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    for v0, v1, w, b in _weight_blocks(weight, bias):
-        if b is None:
-            torch.matmul(rows, w.T, out=out[:, v0:v1])
-        else:
-            torch.addmm(b, rows, w.T, out=out[:, v0:v1])
-
-
-def _times_weight(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    out = grad_logits.new_zeros(grad_logits.shape[0], weight.shape[1])
-    for v0, v1, w, _ in _weight_blocks(weight, None):
-        out.addmm_(grad_logits[:, v0:v1], w)
-    return out
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -91,7 +65,7 @@ class _FusedTokenTerms(torch.autograd.Function):
             if with_ref:
                 rows = torch.cat([rows, h_ref[s0:s1].float()])
             stacked = stacked_buf[: rows.shape[0] * vocab].view(rows.shape[0], vocab)
-            _logits(rows, weight, bias, stacked)
+            logits_into(rows, weight, bias, stacked)
             z, log_p = stacked[:m], log_p_buf[:m]
             if not dense_entropy:
                 top, top_idx = z.topk(top_k, -1)
@@ -120,7 +94,7 @@ class _FusedTokenTerms(torch.autograd.Function):
             if dense_entropy:
                 entropy = -_row_dot(p, log_p)
                 if need_grad:  # dH/dz_i = −p_i (log p_i + H)
-                    grads[2, s0:s1] = _times_weight(log_p.add_(entropy).mul_(p).neg_(), weight)
+                    grads[2, s0:s1] = times_weight(log_p.add_(entropy).mul_(p).neg_(), weight)
             elif need_grad:  # only the K selected logits receive gradient
                 d_top = -p_top * (log_top + entropy)
                 for k in range(top_k):  # one (m, d) gather at a time, not an (m, K, d) tensor
@@ -129,7 +103,7 @@ class _FusedTokenTerms(torch.autograd.Function):
 
             if need_grad:  # d CE / dz = softmax(z) − onehot(target)
                 p.scatter_add_(1, tgt, p.new_full(tgt.shape, -1.0))
-                product = _times_weight(stacked, weight)
+                product = times_weight(stacked, weight)
                 grads[0, s0:s1] = product[:m]
                 if with_ref:
                     grads[1, s0:s1] = product[m:].div_(temperature)
@@ -199,7 +173,8 @@ class OutputLayerFactor:
         # float64 is unavailable on MPS; R is small, so compute it on the CPU there.
         device = torch.device("cpu") if w.device.type == "mps" else w.device
         dim = w.shape[1] + (self.bias is not None)
-        gram, step = torch.zeros(dim, dim, dtype=torch.float64, device=device), max(1, _CAST_ELEMENTS // dim)
+        gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        step = max(1, output_layer.CAST_ELEMENTS // dim)
         for v0 in range(0, w.shape[0], step):
             block = w[v0:v0 + step].to(device, torch.float64)
             if self.bias is not None:

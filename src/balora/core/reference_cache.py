@@ -24,7 +24,7 @@ Pure functions, torch only (no transformers, no file I/O).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from balora.core.output_layer import logits_into as _chunk_logits
+from balora.core.output_layer import times_weight as _times_weight
+
 # Vocabulary rows cast at a time when the output layer is stored in another dtype than the computation
 # (as balora.core.fused): a whole float32 / float64 copy of a large lm_head can outweigh a logits chunk.
-_CAST_ELEMENTS = 1 << 24
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -45,34 +47,6 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def _wide_dtype(device: torch.device) -> torch.dtype:
     """float64 for the per-row combinations and the cache building; MPS has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _weight_blocks(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                   ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
-    """(start, stop, W block, b block) in ``dtype``; the whole matrix (no copy) when already ``dtype``."""
-    vocab, dim = weight.shape
-    step = vocab if weight.dtype == dtype else max(1, _CAST_ELEMENTS // dim)
-    for v0 in range(0, vocab, step):
-        v1 = min(vocab, v0 + step)
-        yield v0, v1, weight[v0:v1].to(dtype), None if bias is None else bias[v0:v1].to(dtype)
-
-
-def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out (m, V) := rows (m, d) @ Wᵀ + b, written in place. The only (rows × V) product of the student
-    side; `consistency_from_cache` calls it once per chunk with ``out`` a view of one reused buffer."""
-    for v0, v1, w, b in _weight_blocks(weight, bias, out.dtype):
-        if b is None:
-            torch.matmul(rows, w.T, out=out[:, v0:v1])
-        else:
-            torch.addmm(b, rows, w.T, out=out[:, v0:v1])
-
-
-def _times_weight(rows_by_vocab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(m, V) @ W → (m, d), W cast in blocks when needed."""
-    out = rows_by_vocab.new_zeros(rows_by_vocab.shape[0], weight.shape[1])
-    for v0, v1, w, _ in _weight_blocks(weight, None, rows_by_vocab.dtype):
-        out.addmm_(rows_by_vocab[:, v0:v1], w)
-    return out
 
 
 def _check_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -332,3 +332,79 @@ def test_nlu_train_with_reference_cache_auto_matches_online(tmp_path):
     for a, b in zip(*logs):
         for key in ("loss", "task_loss", "balora/consistency", "balora/diversity", "balora/svd"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_processes_wanting_the_same_cache_build_it_once(tmp_path, monkeypatch):
+    """Two builders of one path at once (DDP ranks, compare shards) take turns on the build lock: the
+    shards are written once and both get the complete cache."""
+    import threading
+
+    model, rows = peft("nlg"), rows_of("nlg", 11)
+    written, write = [], RS._write_shard
+
+    def slow_write(file, tensors):
+        written.append(file.name)
+        threading.Event().wait(0.2)  # widen the window in which the other builder would interleave
+        write(file, tensors)
+
+    monkeypatch.setattr(RS, "_write_shard", slow_write)
+    stores, errors = [], []
+
+    def build():
+        try:
+            stores.append(RS.build_reference_cache(model, rows, collator_of("nlg"), tmp_path / "cache", batch_size=3,
+                                                   temperature=2.0, task="nlg", shard_size=4))
+        except Exception as error:  # reported below: a thread's exception would otherwise vanish
+            errors.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert written == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    assert [len(s) for s in stores] == [11, 11] and all(s.manifest["complete"] for s in stores)
+
+
+def test_stale_cache_is_replaced_only_when_asked(tmp_path):
+    rows = rows_of("nlg")
+    RS.build_reference_cache(peft("nlg"), rows, collator_of("nlg"), tmp_path / "cache", batch_size=3,
+                             temperature=2.0, task="nlg")
+    other = peft("nlg", seed=1)
+    with pytest.raises(ConfigError, match="model weights differs"):
+        RS.build_reference_cache(other, rows, collator_of("nlg"), tmp_path / "cache", batch_size=3,
+                                 temperature=2.0, task="nlg")
+    store = RS.build_reference_cache(other, rows, collator_of("nlg"), tmp_path / "cache", batch_size=3,
+                                     temperature=2.0, task="nlg", replace_stale=True)
+    assert store.manifest["model"] == RS.reference_manifest(other, rows, task="nlg", temperature=2.0)["model"]
+
+
+def test_compare_cells_share_one_cache_per_model_and_data(tmp_path, capfd):
+    """Every BA-LoRA cell of a grid (seeds, λ) with reference_cache: auto reads one cache, built by the
+    first; a cell with other data (max_length) gets its own."""
+    from balora.experiments.compare import run_compare
+
+    model_dir = tmp_path / "tiny-bert"
+    make_tiny_bert().save_pretrained(model_dir)
+    make_word_tokenizer().save_pretrained(model_dir)
+    rows = [{"text": " ".join(f"w{(i * 7 + j) % 40 + 3}" for j in range(6)) + (" w50" if i % 2 else " w60"),
+             "label": "pos" if i % 2 else "neg"} for i in range(24)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    base = {"method": "ba-lora", "reference_cache": "auto", "model": {"name": str(model_dir), "task": "nlu"},
+            "adapter": {"r": 2}, "data": {"source": str(tmp_path / "data.jsonl"), "test_fraction": 0.25,
+                                          "max_length": 12},
+            "training": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                         "save_strategy": "no", "use_cpu": True}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "shared", "base": "base.yaml", "output_dir": str(tmp_path / "out"),
+            "grid": {"data.max_length": [12, 6], "balora.lambda_consistency": [1.0, 0.5], "training.seed": [1, 2]},
+            "metrics": ["test.accuracy"]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    summary = run_compare(tmp_path / "spec.yaml", show_progress=False, say=lambda m: None)
+    assert summary["cells"]["ok"] == summary["cells"]["total"] == 8
+    caches = sorted(p for p in (tmp_path / "out" / "reference-caches").iterdir() if p.is_dir())
+    assert len(caches) == 2  # max_length 12 and 6, four cells (λ × seed) each
+    assert not list((tmp_path / "out").glob("cells/*/run/reference_cache"))
+    assert capfd.readouterr().err.count("bytes per example") == 2  # each built once
+    assert {json.loads((c / "manifest.json").read_text())["complete"] for c in caches} == {True}

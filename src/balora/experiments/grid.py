@@ -19,7 +19,7 @@ from balora.training.run_config import RunConfig, apply_overrides, coerce_number
 from balora.utils import set_path
 
 __all__ = ["Cell", "base_options", "build_cells", "cell_id", "expanded_grid", "group_label", "group_values",
-           "is_seed_key", "paired_groups", "resolve_cell", "short_label"]
+           "is_seed_key", "paired_groups", "reference_cache_root", "resolve_cell", "short_label"]
 
 CELL_ID_MAX = 100
 
@@ -33,6 +33,9 @@ class Cell:
     group: str
     config: RunConfig
     dir: Path
+    # where cells with `reference_cache: auto` keep their caches, one per identity (model, data, ...), so
+    # that every cell with the same base model and data reads one (docs/design/reference-cache.md)
+    reference_cache_root: Path | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -43,6 +46,11 @@ class Cell:
     def result_path(self) -> Path:
         """The cell's result.json: present once the cell finished (ok or failed)."""
         return self.dir / "result.json"
+
+
+def reference_cache_root(spec: Any) -> Path:
+    """The comparison's shared reference caches: ``<output_dir>/reference-caches``."""
+    return spec.output_dir / "reference-caches"
 
 
 def is_seed_key(key: str) -> bool:
@@ -172,7 +180,7 @@ def build_cells(spec: CompareSpec, choices: dict[str, dict[str, Any]] | None = N
             cfg = _resolve(raw, {**values, **choice}, cell_dir / "run", variants)
         except ConfigError as error:
             raise ConfigError(f"{spec.source}: cell {cid}: {error}") from None
-        cells.append(Cell(cid, values, group_label(values), cfg, cell_dir))
+        cells.append(Cell(cid, values, group_label(values), cfg, cell_dir, reference_cache_root(spec)))
     _check_eval_tasks(cells, spec.source)
     paired_groups(spec, cells)  # a pair naming no group fails here, before anything runs
     return cells

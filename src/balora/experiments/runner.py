@@ -62,7 +62,9 @@ def _train(cell: Cell, callbacks: CallbackFactory | None, show_progress: bool, s
     if checkpoint is not None:
         say(f"  resuming from {checkpoint}")
     resume = (cell.run_dir / "config.yaml").is_file() or (cell.run_dir / "checkpoints").is_dir()
-    extra = {"callbacks": list(callbacks(cell.config))} if callbacks is not None else {}
+    extra: dict[str, Any] = {"callbacks": list(callbacks(cell.config))} if callbacks is not None else {}
+    if cell.config.reference_cache == "auto":  # one cache per model and data, shared by the cells
+        extra["reference_cache_root"] = cell.reference_cache_root
     return run_module.train_run(cell.config, resume=resume, show_progress=show_progress, **extra)
 
 

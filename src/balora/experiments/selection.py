@@ -29,6 +29,7 @@ from balora.experiments.grid import (
     expanded_grid,
     group_label,
     is_seed_key,
+    reference_cache_root,
     resolve_cell,
 )
 from balora.experiments.spec import CompareSpec
@@ -82,7 +83,7 @@ def search_cells(spec: CompareSpec) -> list[Cell]:
                                        {**candidate, **SEARCH_EVAL})
                 except ConfigError as error:
                     raise ConfigError(f"{spec.source}: selection cell {cid}: {error}") from None
-                cells.append(Cell(cid, grid_values, group, cfg, cell_dir))
+                cells.append(Cell(cid, grid_values, group, cfg, cell_dir, reference_cache_root(spec)))
     return cells
 
 

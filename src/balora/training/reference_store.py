@@ -19,12 +19,15 @@ rewritten after each finished shard, so an interrupted build resumes from the la
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,12 @@ def reference_manifest(model: nn.Module, dataset: Sequence[dict], *, task: str, 
             "model": model_hash(model, snapshot, exclude_head=task == "nlu"), "config": config_hash(model),
             "tokenizer": tokenizer_hash(tokenizer), "examples": len(dataset), "data": data_hash(dataset),
             "shard_size": int(shard_size)}
+
+
+def identity_digest(manifest: dict[str, Any]) -> str:
+    """A short name for a cache's identity (the `IDENTITY` items): runs whose caches would be the same
+    get the same name, so that they can share one (``balora compare``)."""
+    return _sha([json.dumps({k: manifest.get(k) for k in IDENTITY}, sort_keys=True).encode()])[:16]
 
 
 def manifest_difference(found: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -312,13 +321,15 @@ def build_reference_cache(model: nn.Module, dataset: Sequence[dict], collator: A
                           batch_size: int, temperature: float, task: str, tokenizer: Any = None,
                           snapshot: ReferenceSnapshot | None = None, shard_size: int = 1024,
                           max_bytes: int | None = DEFAULT_MAX_BYTES, device: torch.device | str | None = None,
-                          manifest: dict[str, Any] | None = None) -> ReferenceStore:
+                          manifest: dict[str, Any] | None = None, replace_stale: bool = False) -> ReferenceStore:
     """Run the reference forward (the model with its step-0 ``snapshot`` switched in, inference mode)
     over ``dataset`` once and write the cache to ``path``; returns it opened.
 
     Shards of ``shard_size`` examples are written one after the other, the manifest after each, so a
     build interrupted (killed) resumes from its last complete shard; a cache already complete is
-    returned as it is. An existing cache with another identity is refused (ConfigError). The estimated
+    returned as it is. An existing cache with another identity is refused (ConfigError), or with
+    ``replace_stale`` deleted and rebuilt (with a warning naming the difference). Processes building the
+    same ``path`` at once take turns (a file lock): one builds, the others open its result. The estimated
     size is printed first; above ``max_bytes`` (None: no limit) the build is refused.
     """
     if batch_size < 1 or shard_size < 1:
@@ -328,13 +339,43 @@ def build_reference_cache(model: nn.Module, dataset: Sequence[dict], collator: A
     snapshot = snapshot or ReferenceSnapshot.for_peft_model(model)
     expected = manifest or reference_manifest(model, dataset, task=task, temperature=temperature,
                                               tokenizer=tokenizer, snapshot=snapshot, shard_size=shard_size)
-    found = _read_manifest(path)
-    if found is not None:
-        difference = manifest_difference(found, expected)
-        if difference is not None:
-            raise ConfigError(f"reference cache {path}: {difference}; delete it to rebuild, or choose another path")
-        if found.get("complete"):
-            return ReferenceStore(path, found)
+    with _build_lock(path):
+        found = _read_manifest(path)
+        if found is not None:
+            difference = manifest_difference(found, expected)
+            if difference is not None and not replace_stale:
+                raise ConfigError(f"reference cache {path}: {difference}; delete it to rebuild, or choose another "
+                                  "path")
+            if difference is not None:
+                logger.warning("reference cache %s: %s; rebuilding it", path, difference)
+                shutil.rmtree(path)
+                path.mkdir(parents=True)
+                found = None
+            elif found.get("complete"):
+                return ReferenceStore(path, found)
+        return _build(model, dataset, collator, path, found, expected, batch_size=batch_size,
+                      temperature=temperature, task=task, snapshot=snapshot, shard_size=shard_size,
+                      max_bytes=max_bytes, device=device)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``<path>.lock`` (flock; released by the kernel if the process dies), so
+    that processes wanting the same cache — DDP ranks, ``balora compare`` shards — build it once: the
+    others wait, then find it complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(model: nn.Module, dataset: Sequence[dict], collator: Any, path: Path, found: dict[str, Any] | None,
+           expected: dict[str, Any], *, batch_size: int, temperature: float, task: str,
+           snapshot: ReferenceSnapshot, shard_size: int, max_bytes: int | None,
+           device: torch.device | str | None) -> ReferenceStore:
     size, entries = estimate_bytes(model, dataset, task)
     per = "valid token" if task == "nlg" else "example"
     print(f"reference cache {path}: {size / 1e6:.1f} MB for {entries} {per}s of {len(dataset)} examples "
@@ -396,11 +437,14 @@ def with_example_index(dataset: Sequence[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------- a run's cache
 def store_for_run(cfg: Any, model: nn.Module, tokenizer: Any, train: Sequence[dict], collator: Any,
                   out: Path, device: torch.device | str | None = None, *, path: Path | None = None,
+                  shared_root: Path | None = None,
                   max_bytes: int | None = DEFAULT_MAX_BYTES) -> ReferenceStore | None:
     """The cache named by ``cfg.reference_cache`` (a `RunConfig`) for this run, or None (off, or it does not
-    apply: the reason is logged). ``auto``: ``<out>/reference_cache``, built (or resumed) when absent and
-    rebuilt when it no longer matches (``path``: another place than ``<out>/reference_cache``); a path:
-    opened, refused (ConfigError) when it does not match."""
+    apply: the reason is logged). ``auto``: ``<out>/reference_cache`` — or, with ``shared_root``,
+    ``<shared_root>/<identity digest>``, which every run with the same model and data shares — built (or
+    resumed) when absent and rebuilt when it no longer matches (``path``: another place); a path: opened,
+    refused (ConfigError) when it does not match. Under DDP every rank calls this: one builds, the others
+    wait for it and read the same files."""
     option = cfg.reference_cache
     bcfg = cfg.balora_config()
     if option == "off":
@@ -423,17 +467,13 @@ def store_for_run(cfg: Any, model: nn.Module, tokenizer: Any, train: Sequence[di
                                   shard_size=shard_size)
     if option != "auto":
         return open_store(Path(option).expanduser(), expected)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("reference_cache: auto builds in one process; under several processes build it first "
-                          "(`balora reference build CONFIG`) and give its path")
-    path = Path(path) if path is not None else out / "reference_cache"
-    found = _read_manifest(path)
-    if found is not None and manifest_difference(found, expected) is not None:
-        logger.warning("reference cache %s: %s; rebuilding it", path, manifest_difference(found, expected))
-        import shutil
-
-        shutil.rmtree(path)
+    if path is None:
+        path = Path(shared_root) / identity_digest(expected) if shared_root is not None else out / "reference_cache"
+    # several processes (DDP ranks, compare shards) may get here at once: the build's lock lets one build
     batch_size = int(cfg.training_arguments().get("per_device_eval_batch_size", 8))
-    return build_reference_cache(model, train, collator, path, batch_size=batch_size, temperature=bcfg.temperature,
-                                 task=bcfg.task, tokenizer=tokenizer, shard_size=shard_size, device=device,
-                                 manifest=expected, max_bytes=max_bytes)
+    store = build_reference_cache(model, train, collator, Path(path), batch_size=batch_size,
+                                  temperature=bcfg.temperature, task=bcfg.task, tokenizer=tokenizer,
+                                  shard_size=shard_size, device=device, manifest=expected, max_bytes=max_bytes,
+                                  replace_stale=True)
+    logger.info("reference_cache: %s", store.path)
+    return store

@@ -327,7 +327,7 @@ def refuse_trainer_push(cfg: RunConfig) -> None:
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, show_progress: bool = True,
-              callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+              callbacks: Sequence[Any] = (), reference_cache_root: Path | None = None) -> dict[str, Any]:
     """Train, save the artefacts and evaluate; returns what it writes to ``metrics.json``.
 
     The run directory is locked (``.lock``) for the whole run; ``status.json`` says running / finished /
@@ -335,8 +335,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, show
     a warning); a configuration that differs from the stored config.yaml is refused unless ``force``
     (see RESUME_MAY_CHANGE); a finished run is not trained again.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. ``balora lab spectrum``'s
-    snapshots). ``cfg.output_dir`` is made absolute (config.yaml stores it so: resuming from that file
-    from another working directory continues the same run)."""
+    snapshots). ``reference_cache_root``: with ``reference_cache: auto``, keep the cache in
+    ``<root>/<identity digest>`` (shared by runs with the same model and data: ``balora compare``)
+    instead of ``<output_dir>/reference_cache``. ``cfg.output_dir`` is made absolute (config.yaml stores
+    it so: resuming from that file from another working directory continues the same run)."""
     cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).expanduser().resolve()))
     refuse_trainer_push(cfg)
     check_before_loading(cfg)  # every bad value refused before the model loads and before anything is written
@@ -361,14 +363,14 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, show
                            lock.took_over.get("pid"))
     try:
         return _train_locked(cfg, out, rank0, resume=resume, force=force, show_progress=show_progress,
-                             callbacks=callbacks)
+                             callbacks=callbacks, reference_cache_root=reference_cache_root)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_locked(cfg: RunConfig, out: Path, rank0: bool, *, resume: bool, force: bool, show_progress: bool,
-                  callbacks: Sequence[Any]) -> dict[str, Any]:
+                  callbacks: Sequence[Any], reference_cache_root: Path | None) -> dict[str, Any]:
     checkpoints = out / "checkpoints"
     previous = read_status(out) or {}
     grew = False
@@ -418,7 +420,7 @@ def _train_locked(cfg: RunConfig, out: Path, rank0: bool, *, resume: bool, force
     try:
         with quiet_warnings():  # the libraries' known, handled warnings (balora.training.quiet); -v shows them
             metrics = _run(cfg, out, resume_from, previous.get("trained") if resume else None, grew, status,
-                           show_progress, callbacks)
+                           show_progress, callbacks, reference_cache_root)
     except BaseException as error:
         status("failed", reason=f"{type(error).__name__}: {error}"[:2000], finished_at=now_iso())
         raise
@@ -427,7 +429,8 @@ def _train_locked(cfg: RunConfig, out: Path, rank0: bool, *, resume: bool, force
 
 
 def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str, Any] | None, grew: bool,
-         status: Any, show_progress: bool, callbacks: Sequence[Any]) -> dict[str, Any]:
+         status: Any, show_progress: bool, callbacks: Sequence[Any],
+         reference_cache_root: Path | None = None) -> dict[str, Any]:
     checkpoints = out / "checkpoints"
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
@@ -447,7 +450,8 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
     # training.output_dir and training.disable_tqdm are refused when the YAML is read (run_config): balora sets them
     args = TrainingArguments(output_dir=str(checkpoints), disable_tqdm=True, **training)
     # reference_cache (docs/design/reference-cache.md): examples carry their index to fetch their entries
-    store = store_for_run(cfg, peft_model, tokenizer, data.train, data.collator, out, args.device)
+    store = store_for_run(cfg, peft_model, tokenizer, data.train, data.collator, out, args.device,
+                          shared_root=reference_cache_root)
     train_data, collator = ((with_example_index(data.train), IndexedCollator(data.collator)) if store is not None
                             else (data.train, data.collator))
     trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=train_data,

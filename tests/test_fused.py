@@ -168,3 +168,51 @@ def test_supports_fused_refuses_soft_capping():
                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     ok, reason = supports_fused(_freeze_all(Gemma2ForCausalLM(cfg)))
     assert not ok and "final_logit_softcapping" in reason
+
+
+# ------------------------------------------------------- the cached reference, weights known in advance
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("top_k,temperature", [(0, 1.0), (5, 2.0), (5, 1.0), (0, 2.0)])
+def test_cached_weighted_pass_matches_full_logits(with_bias, top_k, temperature):
+    """nlg_cached_terms_from_hidden's one-product-per-chunk weighted sum = the same weights applied to
+    losses.nlg_terms on full logits (reference logits from the reference hidden states), value and
+    gradient; the logged terms equal the naive ones; the SVD term stays differentiable on its own."""
+    from balora.core.fused import nlg_cached_terms_from_hidden
+    from balora.core.reference_cache import cache_entries
+    from balora.core.regularizers import valid_positions
+
+    hidden, ref, weight, bias, labels = _inputs(torch.float32, with_bias)
+    cfg = BALoraConfig(top_k=top_k, temperature=temperature, svd_k=3)
+    mask = valid_positions(labels)
+    ref_logits = ref @ weight.T + (0 if bias is None else bias)
+    u, s = cache_entries(ref_logits[mask], weight, bias, temperature)
+    scale, w_cr, w_dr, w_svd = 1 / 11, 0.6, -0.4, 0.3  # any weights: a negative one too
+
+    h_naive = hidden.clone().requires_grad_()
+    naive = _naive(h_naive, ref, weight, bias, labels, cfg)
+    want = scale * naive.task_sum + w_cr * naive.consistency + w_dr * naive.diversity + w_svd * naive.svd
+    want.backward()
+    for chunk in (1, 4, 1000):
+        h = hidden.clone().requires_grad_()
+        terms = nlg_cached_terms_from_hidden(h, labels, weight, bias, cfg, (u, s), scale, w_cr, w_dr,
+                                             chunk_size=chunk)
+        got = terms.weighted + w_svd * terms.svd
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for name in ("task_sum", "consistency", "diversity", "svd"):
+            torch.testing.assert_close(getattr(terms, name), getattr(naive, name), rtol=1e-4, atol=2e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        assert not terms.task_sum.requires_grad and not terms.consistency.requires_grad
+        got.backward()
+        assert _rel(h.grad, h_naive.grad) < 1e-5, chunk
+
+
+def test_cached_weighted_pass_without_valid_positions_is_zero_with_a_graph():
+    from balora.core.fused import nlg_cached_terms_from_hidden
+
+    hidden, _, weight, bias, labels = _inputs(torch.float32, False)
+    labels[:] = -100
+    h = hidden.clone().requires_grad_()
+    terms = nlg_cached_terms_from_hidden(h, labels, weight, bias, BALoraConfig(), (torch.zeros(0, D), torch.zeros(0)),
+                                         1.0, 1.0, 1.0)
+    (terms.weighted + terms.svd).backward()
+    assert terms.weighted.item() == 0 and torch.count_nonzero(h.grad) == 0

@@ -289,10 +289,11 @@ def test_tiny_llama_peft_cached_equals_online(temperature, chunk):
     assert online.item() > 1e-3  # the perturbation moved the student away from the reference
     # Value: KL ≈ 2e-3 here, and s − u·h/T + logsumexp(z/T) is a difference of O(5) numbers, so the
     # float32 logits' rounding (inside the logsumexp) costs ~1e-4 of it (the online elementwise KL
-    # cancels it); both are ~1e-7 absolute. Gradients: ~5e-6.
+    # cancels it); both are ~1e-7 absolute. Gradients (elements up to ~1e-2): a few 1e-7 absolute, which
+    # depends on the BLAS kernels' summation order (it failed at atol 1e-7 on a loaded 2-core machine).
     assert abs(cached.item() - online.item()) <= 3e-4 * online.item()
     for (name, _), got, want in zip(_trainable(model), cached_grads, online_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_tiny_llama_full_model_perturbed():

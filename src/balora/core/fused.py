@@ -142,6 +142,101 @@ def fused_token_terms(
     return _FusedTokenTerms.apply(h, targets, weight, bias, h_ref, float(temperature), int(top_k), chunk_size)
 
 
+class _WeightedCachedTerms(torch.autograd.Function):
+    """(h, targets, W, b, u, s) → c_task·Σ CE + c_kl·Σ KL(p_ref‖student at T) + c_ent·Σ top-K entropy, the
+    KL from the reference cache (`balora.core.reference_cache`), plus the three sums (no gradient).
+
+    Because the coefficients are known in forward, each chunk's three logit-space gradients are summed
+    *before* the product with W: one vocabulary-sized product for the logits and one for the gradient
+    per chunk, as for the task loss alone (PiSSA's cost), instead of four.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, u: torch.Tensor, s: torch.Tensor, temperature: float, top_k: int,
+                coefficients: tuple[float, float, float], chunk_size: int):
+        need_grad = ctx.needs_input_grad[0]
+        c_task, c_kl, c_ent = coefficients
+        m_total, vocab = h.shape[0], weight.shape[0]
+        dense_entropy = not 0 < top_k < vocab
+        wide = torch.float32 if h.device.type == "mps" else torch.float64  # the KL's combination, as _CachedKL
+        sums = [torch.zeros((), dtype=wide, device=h.device) for _ in range(3)]
+        grad = h.new_zeros((m_total, h.shape[1]), dtype=torch.float32) if need_grad else None
+        m_max = min(chunk_size, m_total)
+        z_buf, log_p_buf = (h.new_empty(m_max, vocab, dtype=torch.float32) for _ in range(2))
+        # softmax(z) gets its own buffer only where log p is still needed after it (the dense entropy)
+        p_buf = h.new_empty(m_max, vocab, dtype=torch.float32) if dense_entropy else None
+        for s0 in range(0, m_total, chunk_size):
+            s1 = min(m_total, s0 + chunk_size)
+            m, tgt = s1 - s0, targets[s0:s1, None]
+            rows, z, log_p = h[s0:s1].float(), z_buf[:m], log_p_buf[:m]
+            logits_into(rows, weight, bias, z)
+            if not dense_entropy:
+                top, top_idx = z.topk(top_k, -1)
+                log_top = F.log_softmax(top, -1)
+                p_top = log_top.exp()
+                entropy = -(p_top * log_top).sum(-1, keepdim=True)
+            torch.log_softmax(z, -1, out=log_p)
+            sums[0] -= log_p.gather(1, tgt).sum().to(wide)
+            # KL(p_ref ‖ q) = s − u·h / T + logsumexp(z / T), q = softmax(z / T)
+            z.div_(temperature)
+            lse = torch.logsumexp(z, -1)
+            u_rows = u[s0:s1]
+            sums[1] += (s[s0:s1].to(wide) - (u_rows.to(wide) * rows.to(wide)).sum(-1) / temperature
+                        + lse.to(wide)).sum()
+            if need_grad:  # d/dz of the weighted sum, then one product with W
+                q = z.sub_(lse[:, None]).exp_()  # z := q
+                g = q.mul_(c_kl / temperature)  # d KL / dz = q / T (the −u/T part is added in h-space)
+                p = torch.exp(log_p, out=p_buf[:m]) if dense_entropy else log_p.exp_()
+                if dense_entropy:
+                    entropy = -_row_dot(p, log_p)
+                    g.add_(log_p.add(entropy).mul_(p), alpha=-c_ent)  # dH/dz_i = −p_i (log p_i + H)
+                g.add_(p, alpha=c_task)  # d CE / dz = softmax(z) − onehot(target)
+                g.scatter_add_(1, tgt, g.new_full(tgt.shape, -c_task))
+                grad[s0:s1] = times_weight(g, weight).sub_(u_rows.float(), alpha=c_kl / temperature)
+                if not dense_entropy:  # only the K selected logits receive the entropy's gradient
+                    d_top = -p_top * (log_top + entropy) * c_ent
+                    for k in range(top_k):
+                        grad[s0:s1].addcmul_(weight[top_idx[:, k]].float(), d_top[:, k:k + 1])
+            elif dense_entropy:
+                entropy = -_row_dot(torch.exp(log_p, out=p_buf[:m]), log_p)
+            sums[2] += entropy.sum().to(wide)
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.input_dtype = h.dtype
+        task_sum, kl_sum, ent_sum = (t.float() for t in sums)
+        loss = (c_task * sums[0] + c_kl * sums[1] + c_ent * sums[2]).float()
+        ctx.mark_non_differentiable(task_sum, kl_sum, ent_sum)
+        return loss, task_sum, kl_sum, ent_sum
+
+    @staticmethod
+    def backward(ctx: Any, g_loss: torch.Tensor, *unused: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * g_loss).to(ctx.input_dtype), None, None, None, None, None, None, None, None, None
+
+
+def fused_cached_weighted_loss(
+    h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    u: torch.Tensor, s: torch.Tensor, temperature: float, top_k: int,
+    coefficients: tuple[float, float, float], chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_task·Σ CE + c_kl·Σ KL + c_ent·Σ top-K entropy, Σ CE, Σ KL, Σ entropy) over valid rows h (M, d),
+    the KL(p_ref ‖ softmax(z / T)) from cache entries (u, s) (`balora.core.reference_cache`).
+
+    The first value is differentiable w.r.t. ``h``; the sums are for logging. The same values as
+    `fused_token_terms` with the reference's hidden states and `reference_cache.consistency_from_cache`,
+    at the cost of the task loss alone: 2 vocabulary-sized products per chunk.
+    """
+    _check_frozen(weight, bias)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if u.shape != h.shape or s.shape != h.shape[:1]:
+        raise ValueError(f"cache entries u {tuple(u.shape)}, s {tuple(s.shape)} do not match h {tuple(h.shape)}")
+    coefficients = tuple(float(c) for c in coefficients)
+    return _WeightedCachedTerms.apply(h, targets, weight, bias, u.detach(), s.detach(), float(temperature),
+                                      int(top_k), coefficients, int(chunk_size))
+
+
 class OutputLayerFactor:
     """A (d', d') float32 R with RᵀR = W̃ᵀW̃ for W̃ = [W | b] (d' = d, or d + 1 with a bias).
 
@@ -243,6 +338,42 @@ def nlg_terms_from_hidden(
     else:
         consistency = temperature**2 * kl_sum / m if with_ref else None
     return MicroBatchTerms(task_sum, count, consistency, -entropy_sum / m, svd)
+
+
+def nlg_cached_terms_from_hidden(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: BALoraConfig,
+    cached_reference: tuple[torch.Tensor, torch.Tensor],
+    task_scale: float | torch.Tensor,
+    consistency_weight: float | torch.Tensor,
+    diversity_weight: float | torch.Tensor,
+    *, chunk_size: int = 1024, svd_factor: OutputLayerFactor | None = None,
+) -> MicroBatchTerms:
+    """`nlg_terms_from_hidden` with the consistency from cache entries (u, s), for a caller that knows the
+    weights of the loss in advance: ``weighted`` = task_scale·Σ CE + consistency_weight·L_CR +
+    diversity_weight·L_DR, computed in one pass with one gradient product per chunk
+    (`fused_cached_weighted_loss`); ``task_sum``, ``consistency`` and ``diversity`` are then detached
+    values (for logging) and ``svd`` is differentiable, to be added by the caller."""
+    _check_frozen(weight, bias)
+    if svd_factor is not None and (svd_factor.weight is not weight or svd_factor.bias is not bias):
+        raise ValueError("svd_factor was built for another output layer")
+    mask = R.valid_positions(labels)
+    h, count = hidden[mask], mask.sum()
+    m = h.shape[0]
+    if m == 0:
+        zero = hidden.float().sum() * 0.0  # keeps the graph: zero gradients, never NaN
+        return MicroBatchTerms(zero.detach(), count, zero.detach(), zero.detach(), zero.clone(), weighted=zero)
+    u, s = cached_reference
+    t = float(cfg.temperature)
+    coefficients = (float(task_scale), float(consistency_weight) * t**2 / m, -float(diversity_weight) / m)
+    weighted, task_sum, kl_sum, entropy_sum = fused_cached_weighted_loss(
+        h, shifted_targets(labels)[mask], weight, bias, u.to(h.device), s.to(h.device), t, cfg.top_k,
+        coefficients, chunk_size)
+    svd = svd_share_from_hidden(h, svd_factor or OutputLayerFactor(weight, bias), cfg.svd_k, cfg.svd_norm)
+    return MicroBatchTerms(task_sum, count, t**2 * kl_sum / m, -entropy_sum / m, svd, weighted=weighted)
 
 
 # Config fields by which transformers models change the output layer's logits, and the values

@@ -25,6 +25,10 @@ class MicroBatchTerms:
     consistency: torch.Tensor | None = None
     diversity: torch.Tensor | None = None
     svd: torch.Tensor | None = None
+    # Set by a path that combines the task loss, consistency and diversity with known weights in one pass
+    # (`fused.nlg_cached_terms_from_hidden`): the differentiable weighted sum of those three; task_sum,
+    # consistency and diversity are then detached values, for logging only.
+    weighted: torch.Tensor | None = None
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

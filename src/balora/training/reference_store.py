@@ -287,7 +287,10 @@ def _nlg_shard(model: nn.Module, snapshot: ReferenceSnapshot, batches: list[dict
         inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "assistant_masks", "example_index")}
         out = reference_forward(model, snapshot, **inputs, output_hidden_states=-1, logits_to_keep=1)
         mask = valid_positions(labels)
-        u, s = cache_entries_from_hidden(out.hidden_states[-1][mask], head.weight, head.bias, temperature)
+        # rows per float64 (rows × V) softmax: ~32 MB each, so the build's peak stays below a training step's
+        rows = max(1, 2**22 // head.weight.shape[0])
+        u, s = cache_entries_from_hidden(out.hidden_states[-1][mask], head.weight, head.bias, temperature,
+                                         chunk_size=rows)
         us.append(u.cpu())
         ss.append(s.cpu())
         counts += mask.sum(1).tolist()

@@ -21,10 +21,11 @@ from torch import nn
 from transformers import Trainer
 
 from balora.core.config import BALoraConfig
-from balora.core.fused import OutputLayerFactor, nlg_terms_from_hidden, supports_fused
+from balora.core.fused import OutputLayerFactor, nlg_cached_terms_from_hidden, nlg_terms_from_hidden, supports_fused
 from balora.core.losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate, nlu_terms
 from balora.core.reference import ReferenceSnapshot, reference_forward, teacher_forward
 from balora.core.reference_cache import nlu_reference_logits
+from balora.core.regularizers import valid_positions
 from balora.training.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ class BALoraTrainerMixin:
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         task = cfg.task if cfg is not None else self._task_of(model)
         if task == "nlg" and model.training and self._fused is not None:
-            outputs, terms = self._fused_nlg_terms(model, model_inputs, labels, cfg, inputs.get("example_index"))
+            outputs, terms = self._fused_nlg_terms(model, model_inputs, labels, cfg, inputs.get("example_index"),
+                                                   num_items_in_batch)
             if terms is not None:
                 loss = self._combine(terms, num_items_in_batch)
                 return (loss, outputs) if return_outputs else loss
@@ -265,15 +267,9 @@ class BALoraTrainerMixin:
         count / window items, so its share does not change with the accumulation count. Otherwise
         everything is a micro-batch mean and the Trainer divides by the accumulation count.
         """
-        window_normalised = num_items_in_batch is not None and self.model_accepts_loss_kwargs
-        if window_normalised:
-            denom = torch.as_tensor(num_items_in_batch, device=terms.task_sum.device, dtype=torch.float32)
-            weight = terms.count / denom.clamp(min=1)
-        else:
-            denom = terms.count.float()
-            weight = torch.ones((), device=terms.task_sum.device)
-        # clamp: a micro-batch without a valid label gives 0, never 0 / 0
-        loss = terms.task_sum / denom.clamp(min=1)
+        window_normalised, denom, weight = self._normalisers(terms.count, num_items_in_batch)
+        # terms.weighted: task / denom + λ1·w·L_CR + λ2·w·L_DR, already combined (the cached fused path)
+        loss = terms.task_sum / denom if terms.weighted is None else terms.weighted
         if not record:  # evaluation: the task loss alone, nothing logged into the training window
             return loss
         self._record("task_loss", terms.task_sum / terms.count.clamp(min=1))
@@ -284,7 +280,8 @@ class BALoraTrainerMixin:
                 value = getattr(terms, name)
                 if value is None:
                     continue
-                loss = loss + (lam * weight) * value
+                if terms.weighted is None or name == "svd":
+                    loss = loss + (lam * weight) * value
                 self._record(name, value)
                 self._record(f"weighted_{name}", lam * value)
         self._micro_batches += 1
@@ -292,6 +289,16 @@ class BALoraTrainerMixin:
             # As Trainer.compute_loss: the window count spans every rank and DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         return loss
+
+    def _normalisers(self, count: torch.Tensor, num_items_in_batch: torch.Tensor | int | None,
+                     ) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        """(window-normalised?, the task loss's divisor, the regularisers' weight), see `_combine`; the
+        divisor is clamped to ≥ 1: a micro-batch without a valid label gives 0, never 0 / 0."""
+        window_normalised = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+        if window_normalised:
+            denom = torch.as_tensor(num_items_in_batch, device=count.device, dtype=torch.float32).clamp(min=1)
+            return True, denom, count / denom
+        return False, count.float().clamp(min=1), torch.ones((), device=count.device)
 
     # ------------------------------------------------------------------ logit-free NLG path
     def _fused_head(self, wanted: bool) -> tuple[torch.Tensor, torch.Tensor | None, OutputLayerFactor] | None:
@@ -309,6 +316,7 @@ class BALoraTrainerMixin:
 
     def _fused_nlg_terms(self, model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor,
                          cfg: BALoraConfig | None, example_index: torch.Tensor | None = None,
+                         num_items_in_batch: torch.Tensor | int | None = None,
                          ) -> tuple[Any, MicroBatchTerms | None]:
         """Student forward that keeps only the last position's logits and returns the final hidden
         states (after the final norm), then the task loss and the terms from them, chunk-wise."""
@@ -325,15 +333,21 @@ class BALoraTrainerMixin:
                                "output layer; computing the loss from full logits")
                 self._fused = None
                 return outputs, None
-        ref_hidden, cached = None, None
+        ref_hidden = None
         if cfg is not None and cfg.lambda_consistency > 0:
             if self._cache is not None and example_index is not None:
+                # the weights are known before the pass, so task, consistency and diversity share one
+                # gradient product per chunk: PiSSA's cost (docs/design/reference-cache.md)
                 u, s = self._cache.nlg_entries(example_index.tolist())
-                cached = (u.to(hidden.device), s.to(hidden.device))
-            else:
-                ref_hidden = self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
+                _, denom, weight_ = self._normalisers(valid_positions(labels).sum(), num_items_in_batch)
+                lam1, lam2, _ = cfg.lambdas_at(self.state.global_step, self.state.max_steps)
+                terms = nlg_cached_terms_from_hidden(
+                    hidden, labels, weight, bias, cfg, (u, s), 1.0 / denom, lam1 * weight_, lam2 * weight_,
+                    chunk_size=self.loss_chunk_size, svd_factor=factor)
+                return outputs, terms
+            ref_hidden = self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
         terms = nlg_terms_from_hidden(hidden, labels, weight, bias, cfg, ref_hidden,
-                                      chunk_size=self.loss_chunk_size, svd_factor=factor, cached_reference=cached)
+                                      chunk_size=self.loss_chunk_size, svd_factor=factor)
         return outputs, terms
 
     # ------------------------------------------------------------------ the reference

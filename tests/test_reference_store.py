@@ -408,3 +408,5 @@ def test_compare_cells_share_one_cache_per_model_and_data(tmp_path, capfd):
     assert not list((tmp_path / "out").glob("cells/*/run/reference_cache"))
     assert capfd.readouterr().err.count("bytes per example") == 2  # each built once
     assert {json.loads((c / "manifest.json").read_text())["complete"] for c in caches} == {True}
+    used = [json.loads(m.read_text())["reference_cache"] for m in (tmp_path / "out").glob("cells/*/run/metrics.json")]
+    assert len(used) == 8 and {u["path"] for u in used} == {str(c) for c in caches}

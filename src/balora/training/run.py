@@ -450,8 +450,10 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
     # training.output_dir and training.disable_tqdm are refused when the YAML is read (run_config): balora sets them
     args = TrainingArguments(output_dir=str(checkpoints), disable_tqdm=True, **training)
     # reference_cache (docs/design/reference-cache.md): examples carry their index to fetch their entries
+    cache_started = time.perf_counter()
     store = store_for_run(cfg, peft_model, tokenizer, data.train, data.collator, out, args.device,
                           shared_root=reference_cache_root)
+    cache_seconds = time.perf_counter() - cache_started
     train_data, collator = ((with_example_index(data.train), IndexedCollator(data.collator)) if store is not None
                             else (data.train, data.collator))
     trainer = BALoraTrainer(model=peft_model, args=args, train_dataset=train_data,
@@ -466,6 +468,8 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
 
     metrics: dict[str, Any] = {"method": cfg.method, "model": cfg.model.name, "task": cfg.model.task,
                                "trainable_parameters": trainable, "total_parameters": total, "data": data.stats}
+    if store is not None:  # seconds: building it here, or only opening one that another run built
+        metrics["reference_cache"] = {"path": str(store.path), "seconds": cache_seconds}
     if cfg.eval.validation and not data.validation:
         raise ConfigError(f"eval.validation: {cfg.data.source} gives no validation split; set "
                           "data.validation_fraction (carved from the training data, seeded by data.split_seed)")

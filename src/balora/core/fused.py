@@ -11,6 +11,9 @@ keeping a (valid tokens × vocabulary) logits tensor for backward.
   does). Backward only mixes three stored (M, d) gradients with its upstream scalars, so it needs no
   second pass over the vocabulary: 4 vocabulary-sized matmuls per chunk in all (student and
   reference logits, then one stacked product for the gradients) against 3 for the naive path.
+* With a reference cache (`nlg_cached_terms_from_hidden`) and the loss weights known in advance, the
+  three logit-space gradients of a chunk are summed before one product with W: 2 matmuls per chunk,
+  the task loss's own cost (docs/design/reference-cache.md).
 * SVD share: Z = H̃ W̃ᵀ with H̃ = [H, 1] and W̃ = [W | b]; for any R with RᵀR = W̃ᵀW̃ (QR's R is one),
   Z and H̃ Rᵀ have the same singular values, so the exact term comes from an (M, d + 1) SVD.
 """
@@ -28,7 +31,6 @@ from balora.core import regularizers as R
 from balora.core.config import BALoraConfig
 from balora.core.losses import MicroBatchTerms, shifted_targets
 from balora.core.output_layer import logits_into, times_weight
-from balora.core.reference_cache import consistency_from_cache
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -298,26 +300,20 @@ def nlg_terms_from_hidden(
     cfg: BALoraConfig | None,
     ref_hidden: torch.Tensor | None = None,
     *, chunk_size: int = 1024, svd_factor: OutputLayerFactor | None = None,
-    cached_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MicroBatchTerms:
     """`losses.nlg_terms` on the logits ``hidden @ weight.T + bias``, computed from the (B, T, d)
     final hidden states (after the final norm) in chunks of ``chunk_size`` valid positions.
 
     ``weight`` must be frozen (ValueError otherwise: fall back to full logits). Pass a long-lived
-    ``svd_factor`` for this output layer so that its factor is computed once, not per call.
-    ``cached_reference``: the (u, s) cache entries of the valid positions, in order
-    (`balora.core.reference_cache`), in place of ``ref_hidden``: the consistency term then comes from
-    `consistency_from_cache` (no reference hidden states, no reference logits).
+    ``svd_factor`` for this output layer so that its factor is computed once, not per call. With a
+    reference cache instead of ``ref_hidden``: `nlg_cached_terms_from_hidden`.
     """
-    if cached_reference is not None and ref_hidden is not None:
-        raise ValueError("pass ref_hidden or cached_reference, not both")
     _check_frozen(weight, bias)
     if svd_factor is not None and (svd_factor.weight is not weight or svd_factor.bias is not bias):
         raise ValueError("svd_factor was built for another output layer")
     mask = R.valid_positions(labels)
     h, count = hidden[mask], mask.sum()
-    cached = cfg is not None and cached_reference is not None
-    m, with_ref = h.shape[0], cfg is not None and (ref_hidden is not None or cached)
+    m, with_ref = h.shape[0], cfg is not None and ref_hidden is not None
     if m == 0:
         zero = hidden.float().sum() * 0.0  # keeps the graph: zero gradients, never NaN
         if cfg is None:
@@ -326,17 +322,12 @@ def nlg_terms_from_hidden(
     # Without cfg only the task loss is wanted: top-1 "entropy" is 0 and costs one cheap pass.
     temperature, top_k = (cfg.temperature, cfg.top_k) if cfg is not None else (1.0, 1)
     task_sum, kl_sum, entropy_sum = fused_token_terms(
-        h, shifted_targets(labels)[mask], weight, bias, ref_hidden[mask] if with_ref and not cached else None,
+        h, shifted_targets(labels)[mask], weight, bias, ref_hidden[mask] if with_ref else None,
         temperature, top_k, chunk_size)
     if cfg is None:
         return MicroBatchTerms(task_sum, count)
     svd = svd_share_from_hidden(h, svd_factor or OutputLayerFactor(weight, bias), cfg.svd_k, cfg.svd_norm)
-    if cached:
-        u, s = cached_reference
-        consistency = consistency_from_cache(h, weight, bias, u.to(h.device), s.to(h.device), temperature,
-                                             chunk_size=chunk_size)
-    else:
-        consistency = temperature**2 * kl_sum / m if with_ref else None
+    consistency = temperature**2 * kl_sum / m if with_ref else None
     return MicroBatchTerms(task_sum, count, consistency, -entropy_sum / m, svd)
 
 

@@ -55,6 +55,9 @@ def data(tmp_path_factory) -> dict[str, str]:
             {"passage": "w1", "question": "w2\nPlease choose the correct option ",
              "options": "A. w3\nB. Unknown\nC. w4", "answer": [a]}
             for a in ("w3", "Unknown", "w4")]),
+        "boolq": _jsonl(d / "boolq.jsonl", [  # answers as the tiny vocabulary's words
+            {"passage": f"w{i + 5} w6", "question": f"w{i + 7}", "label": "w3" if i % 3 else "w4"}
+            for i in range(6)]),
     }
 
 
@@ -193,3 +196,44 @@ def test_forgetting_scores_the_base_once_per_process(tiny_dir, data, tmp_path):
     evaluate(str(tiny_dir), ["forgetting"], limit=1, out_dir=tmp_path / "c", data=data,
              base_model=str(tiny_dir), device="cpu", progress=said.append)
     assert any("scoring the base model" in m for m in said)
+
+
+# ---------------------------------------------------------------- closed-set answers (boolq)
+
+def test_boolq_scores_each_answer_as_the_response(tiny_dir, data, tmp_path):
+    """The prediction is the answer word with the larger log-probability after the training-format
+    prompt, as a one-text-at-a-time computation gives it; accuracy and shares from the records."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from balora.evaluation.generation import format_prompt
+    from balora.training.data import BOOLQ_QUERY, boolq_instruction_records, load_records
+
+    report = evaluate(str(tiny_dir), ["boolq"], out_dir=tmp_path, batch_size=3, data=data, device="cpu")
+    metrics = report["tasks"]["boolq"]["metrics"]
+    records = [json.loads(x) for x in (tmp_path / "records" / "boolq.jsonl").read_text().splitlines()]
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+    rows = boolq_instruction_records(load_records(data["boolq"]))
+    assert rows[0]["query"] == BOOLQ_QUERY.format(passage="w5 w6", question="w7") and rows[0]["response"] == "w4"
+    for row, rec in zip(rows, records, strict=True):
+        prompt = format_prompt(row["query"])
+        scores = {}
+        for answer in ("w3", "w4"):
+            ids = [tok.eos_token_id] + tok(prompt + answer)["input_ids"]
+            n = len(tok(prompt + answer)["input_ids"]) - len(tok(prompt)["input_ids"])
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            scores[answer] = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
+        assert rec["logprobs"] == pytest.approx(scores, abs=1e-4)
+        assert rec["predicted"] == max(scores, key=scores.get) and rec["correct"] == (rec["predicted"] == row["response"])
+    assert metrics["choices"] == ["w3", "w4"] and metrics["total"] == 6
+    assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 6)
+    assert metrics["majority_answer"] == "w3" and metrics["majority_share"] == pytest.approx(4 / 6)
+    assert sum(metrics["predicted_share"].values()) == pytest.approx(1.0)
+
+
+def test_boolq_words_splits_give_the_answer_as_the_response():
+    from balora.training.data import boolq_instruction_records
+
+    rows = boolq_instruction_records([{"passage": "P", "question": "is it? ", "label": "no"}])
+    assert rows == [{"query": "P\n\nQuestion: is it?\nAnswer yes or no.", "response": "no"}]

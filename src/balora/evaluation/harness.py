@@ -9,6 +9,9 @@ Tasks (``TASKS``):
 * ``humaneval``: raw prompts (code completion), Codex stop strings, sandboxed pass@k.
 * ``forgetting``, ``crows_pairs``, ``stereoset``, ``bbq``: likelihood scoring, see
   :mod:`balora.evaluation.likelihood`.
+* ``boolq``: BoolQ's held-out questions (``dev.jsonl``, never trained on) in the training prompt format,
+  answered by comparing the log-probability of each answer word ("yes", "no": the distinct answers of
+  the data) as the response; accuracy against the majority answer's share.
 
 Math prompts use the Alpaca format of the NLG training (``balora.training.data.ALPACA_PROMPT``; query = the
 GSM8K question, or ASDiv passage + " " + question), so a fine-tuned model is evaluated in its
@@ -72,7 +75,7 @@ from balora.evaluation.math_answers import (
     normalize_number,
 )
 from balora.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS, GENERATIVE, TASKS
-from balora.training.data import asdiv_splits, load_records
+from balora.training.data import asdiv_splits, boolq_instruction_records, dataset_splits, load_records
 from balora.utils import versions, write_json, write_jsonl
 
 __all__ = ["TASKS", "EvalError", "EvalOptions", "asdiv_match", "check_run_tasks", "evaluate"]
@@ -357,6 +360,36 @@ def _likelihood_loader(loader_name: str, task: str) -> Callable[[EvalOptions], l
     return load
 
 
+def _load_boolq(opts: EvalOptions) -> list[dict[str, Any]]:
+    path = opts.data.get("boolq")
+    rows = boolq_instruction_records(load_records(path) if path else dataset_splits("boolq")["test"])
+    return rows[:opts.limit] if opts.limit is not None else rows
+
+
+def _run_choice(ev: EvalModel, items: list[dict[str, Any]], opts: EvalOptions, progress: Progress) -> TaskOutput:
+    """Closed-set answers scored as responses: the prompt in the training format, each distinct answer
+    of the data as the continuation; the most likely one is the prediction (ties: the first in order)."""
+    choices = sorted({it["response"] for it in items})
+    prompts = [format_prompt(it["query"], opts.prompt, ev.tokenizer) for it in items]
+    scores = likelihood.continuation_logprobs(ev.model, ev.tokenizer, [(p, c) for p in prompts for c in choices],
+                                              batch_size=opts.batch_size, progress=_every_tenth(progress, "answers"))
+    records = []
+    for i, item in enumerate(items):
+        logprobs = [scores[i * len(choices) + j][0] for j in range(len(choices))]
+        predicted = choices[max(range(len(choices)), key=lambda j: logprobs[j])]
+        records.append({"index": i, "gold": item["response"], "predicted": predicted,
+                        "correct": predicted == item["response"], "logprobs": dict(zip(choices, logprobs))})
+    n = len(records)
+    golds = [r["gold"] for r in records]
+    majority = max(choices, key=golds.count) if records else None
+    metrics = {"accuracy": sum(r["correct"] for r in records) / n if n else float("nan"), "total": n,
+               "choices": choices, "majority_answer": majority,
+               "majority_share": golds.count(majority) / n if n else float("nan"),
+               "predicted_share": {c: sum(r["predicted"] == c for r in records) / n if n else float("nan")
+                                   for c in choices}}
+    return TaskOutput(metrics, records)
+
+
 def _load_xsum(opts: EvalOptions) -> list[str]:
     return load_xsum_texts(opts.data.get("forgetting"), limit=opts.limit or opts.forgetting_docs)
 
@@ -373,6 +406,7 @@ _REGISTRY: dict[str, tuple[Callable[[EvalOptions], Any], Callable[..., TaskOutpu
     "stereoset": (_likelihood_loader("load_stereoset", "stereoset"),
                   _likelihood_task("stereoset_scores")),
     "bbq": (_likelihood_loader("load_bbq", "bbq"), _likelihood_task("bbq_scores")),
+    "boolq": (_load_boolq, _run_choice),
 }
 
 

@@ -32,13 +32,16 @@ from balora.training.data.instruction import (
 from balora.training.data.readers import DataError, Records, available_splits, load_records
 from balora.training.data.splits import (
                                             ASDIV_RESPONSE,
+                                            BOOLQ_QUERY,
                                             DATASET_SPLITS,
                                             SPLIT_SEED,
                                             asdiv_instruction_records,
                                             asdiv_instruction_splits,
                                             asdiv_key,
                                             asdiv_splits,
+                                            boolq_instruction_records,
                                             boolq_splits,
+                                            boolq_words_splits,
                                             dataset_splits,
                                             dedupe_records,
                                             load_splits,
@@ -48,10 +51,11 @@ from balora.training.data.splits import (
 )
 
 __all__ = [
-    "ALPACA_PROMPT", "ASDIV_RESPONSE", "DATASET_SPLITS", "IGNORE_INDEX", "SPLIT_SEED",
+    "ALPACA_PROMPT", "ASDIV_RESPONSE", "BOOLQ_QUERY", "DATASET_SPLITS", "IGNORE_INDEX", "SPLIT_SEED",
     "ClassificationDataConfig", "DataError", "InstructionCollator", "InstructionDataConfig", "Records",
     "asdiv_instruction_records", "asdiv_instruction_splits", "asdiv_key", "asdiv_splits", "available_splits",
-    "balance_classes", "boolq_splits", "build_classification_dataset", "build_instruction_dataset",
+    "balance_classes", "boolq_instruction_records", "boolq_splits", "boolq_words_splits",
+    "build_classification_dataset", "build_instruction_dataset",
     "class_counts", "classification_collator", "dataset_splits", "dedupe_records", "imbalance_subsample",
     "load_records", "load_splits", "parse_ratio", "register_splits", "rotten_tomatoes_splits",
     "sorted_labels", "split_records",

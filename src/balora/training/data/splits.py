@@ -36,6 +36,7 @@ logger = logging.getLogger("balora.training.data")
 
 SPLIT_SEED = 1234
 ASDIV_RESPONSE = "The answer is: {answer}"
+BOOLQ_QUERY = "{passage}\n\nQuestion: {question}?\nAnswer yes or no."
 
 SplitsFn = Callable[..., dict[str, list]]
 _F = TypeVar("_F", bound=SplitsFn)
@@ -194,3 +195,22 @@ def boolq_splits(seed: int = SPLIT_SEED, validation_fraction: float = 0.1) -> di
     """BoolQ: train.jsonl -> seeded train/validation; dev.jsonl -> test (the official test set
     is unlabelled)."""
     return load_splits("asset:boolq", seed=seed, validation_fraction=validation_fraction)
+
+
+def boolq_instruction_records(records: Sequence[dict]) -> list[dict]:
+    """BoolQ rows as ``{query: passage + question (BOOLQ_QUERY), response: "yes" | "no"}``: the answer as
+    a word, for causal LMs (the NLG testbed; `balora eval --tasks boolq` scores it)."""
+    rows = []
+    for i, r in enumerate(records):
+        where = record_where(records, i, "boolq")
+        query = BOOLQ_QUERY.format(passage=str(field_value(r, "passage", where)).strip(),
+                                   question=str(field_value(r, "question", where)).strip().rstrip("?"))
+        rows.append({"query": query, "response": str(field_value(r, "label", where)).strip()})
+    return Records(rows, records.source, records.lines) if isinstance(records, Records) else rows
+
+
+@register_splits("boolq-words")
+def boolq_words_splits(seed: int = SPLIT_SEED, validation_fraction: float = 0.1) -> dict[str, list]:
+    """`boolq_splits` as instruction records (the answer generated as a word), for training a causal LM."""
+    return {k: boolq_instruction_records(v) if v else v
+            for k, v in boolq_splits(seed=seed, validation_fraction=validation_fraction).items()}

@@ -303,16 +303,22 @@ def test_cli_reference_build_then_train_auto_reuses_it(nlg_run, tmp_path, capsys
     assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == before
 
 
-def test_nlu_train_with_reference_cache_auto_matches_online(tmp_path):
-    from balora.training.run import train_run
-    from balora.training.run_config import run_config_from_dict
-
+def tiny_nlu_assets(tmp_path):
+    """A tiny BERT with a word tokenizer in tmp_path/tiny-bert and 24 labelled texts in tmp_path/data.jsonl."""
     model_dir = tmp_path / "tiny-bert"
     make_tiny_bert().save_pretrained(model_dir)
     make_word_tokenizer().save_pretrained(model_dir)
     rows = [{"text": " ".join(f"w{(i * 7 + j) % 40 + 3}" for j in range(6)) + (" w50" if i % 2 else " w60"),
              "label": "pos" if i % 2 else "neg"} for i in range(24)]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return model_dir
+
+
+def test_nlu_train_with_reference_cache_auto_matches_online(tmp_path):
+    from balora.training.run import train_run
+    from balora.training.run_config import run_config_from_dict
+
+    model_dir = tiny_nlu_assets(tmp_path)
 
     def config(name: str, **extra) -> dict:
         return {"method": "ba-lora", "output_dir": str(tmp_path / name),
@@ -385,12 +391,7 @@ def test_compare_cells_share_one_cache_per_model_and_data(tmp_path, capfd):
     first; a cell with other data (max_length) gets its own."""
     from balora.experiments.compare import run_compare
 
-    model_dir = tmp_path / "tiny-bert"
-    make_tiny_bert().save_pretrained(model_dir)
-    make_word_tokenizer().save_pretrained(model_dir)
-    rows = [{"text": " ".join(f"w{(i * 7 + j) % 40 + 3}" for j in range(6)) + (" w50" if i % 2 else " w60"),
-             "label": "pos" if i % 2 else "neg"} for i in range(24)]
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    model_dir = tiny_nlu_assets(tmp_path)
     base = {"method": "ba-lora", "reference_cache": "auto", "model": {"name": str(model_dir), "task": "nlu"},
             "adapter": {"r": 2}, "data": {"source": str(tmp_path / "data.jsonl"), "test_fraction": 0.25,
                                           "max_length": 12},

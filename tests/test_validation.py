@@ -330,7 +330,8 @@ PROBLEMS = [{"task_id": "toy/0", "prompt": "def add(a, b):\n", "entry_point": "a
     (b'{"task_id": "toy/0", "completion": "caf\xe9"}\n', ":1: not valid UTF-8"),
     (b'{"task_id": null, "completion": "x"}\n', ":1: 'task_id' must be a string such as 'HumanEval/0', got None"),
     (b"\n", ": no samples"),
-])
+], ids=["missing-field", "unknown-task-id", "invalid-json", "not-utf8", "null-task-id", "empty"])  # plain ids: the
+#  bodies hold newlines and non-UTF-8 bytes, which make unreadable test names
 def test_eval_samples_errors_name_file_and_line(tmp_path, capsys, body, message):
     problems = _write_jsonl(tmp_path / "problems.jsonl", PROBLEMS)
     samples = tmp_path / "samples.jsonl"

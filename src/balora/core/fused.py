@@ -37,6 +37,14 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1, 1)  # no (m, V) temporary
 
 
+def _top_k_entropy(z: torch.Tensor, top_k: int) -> tuple[torch.Tensor, ...]:
+    """(indices, log-softmax, softmax, entropy (m, 1)) of each row's ``top_k`` largest logits."""
+    top, top_idx = z.topk(top_k, -1)
+    log_top = F.log_softmax(top, -1)
+    p_top = log_top.exp()
+    return top_idx, log_top, p_top, -(p_top * log_top).sum(-1, keepdim=True)
+
+
 class _FusedTokenTerms(torch.autograd.Function):
     """(h, targets, W, b, h_ref) → (Σ CE, Σ KL(ref‖student) at T, Σ top-K entropy), float32 scalars.
 
@@ -70,10 +78,7 @@ class _FusedTokenTerms(torch.autograd.Function):
             logits_into(rows, weight, bias, stacked)
             z, log_p = stacked[:m], log_p_buf[:m]
             if not dense_entropy:
-                top, top_idx = z.topk(top_k, -1)
-                log_top = F.log_softmax(top, -1)
-                p_top = log_top.exp()
-                entropy = -(p_top * log_top).sum(-1, keepdim=True)
+                top_idx, log_top, p_top, entropy = _top_k_entropy(z, top_k)
             torch.log_softmax(z, -1, out=log_p)
             sums[0] -= log_p.gather(1, tgt).sum()
 
@@ -174,10 +179,7 @@ class _WeightedCachedTerms(torch.autograd.Function):
             rows, z, log_p = h[s0:s1].float(), z_buf[:m], log_p_buf[:m]
             logits_into(rows, weight, bias, z)
             if not dense_entropy:
-                top, top_idx = z.topk(top_k, -1)
-                log_top = F.log_softmax(top, -1)
-                p_top = log_top.exp()
-                entropy = -(p_top * log_top).sum(-1, keepdim=True)
+                top_idx, log_top, p_top, entropy = _top_k_entropy(z, top_k)
             torch.log_softmax(z, -1, out=log_p)
             sums[0] -= log_p.gather(1, tgt).sum().to(wide)
             # KL(p_ref ‖ q) = s − u·h / T + logsumexp(z / T), q = softmax(z / T)

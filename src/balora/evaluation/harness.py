@@ -12,6 +12,8 @@ Tasks (``TASKS``):
 * ``boolq``: BoolQ's held-out questions (``dev.jsonl``, never trained on) in the training prompt format,
   answered by comparing the log-probability of each answer word ("yes", "no": the distinct answers of
   the data) as the response; accuracy against the majority answer's share.
+* ``privacy_policy``: the privacy-policy QA test split (clauses unseen in training, 1,092 pairs), scored
+  like ``boolq`` ("is the clause relevant to the question? yes / no").
 
 Math prompts use the Alpaca format of the NLG training (``balora.training.data.ALPACA_PROMPT``; query = the
 GSM8K question, or ASDiv passage + " " + question), so a fine-tuned model is evaluated in its
@@ -75,7 +77,13 @@ from balora.evaluation.math_answers import (
     normalize_number,
 )
 from balora.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS, GENERATIVE, TASKS
-from balora.training.data import asdiv_splits, boolq_instruction_records, dataset_splits, load_records
+from balora.training.data import (
+    asdiv_splits,
+    boolq_instruction_records,
+    dataset_splits,
+    load_records,
+    privacy_policy_instruction_records,
+)
 from balora.utils import versions, write_json, write_jsonl
 
 __all__ = ["TASKS", "EvalError", "EvalOptions", "asdiv_match", "check_run_tasks", "evaluate"]
@@ -366,6 +374,13 @@ def _load_boolq(opts: EvalOptions) -> list[dict[str, Any]]:
     return rows[:opts.limit] if opts.limit is not None else rows
 
 
+def _load_privacy_policy(opts: EvalOptions) -> list[dict[str, Any]]:
+    path = opts.data.get("privacy_policy")
+    rows = (privacy_policy_instruction_records(load_records(path)) if path
+            else dataset_splits("privacy-policy-words")["test"])
+    return rows[:opts.limit] if opts.limit is not None else rows
+
+
 def _run_choice(ev: EvalModel, items: list[dict[str, Any]], opts: EvalOptions, progress: Progress) -> TaskOutput:
     """Closed-set answers scored as responses: the prompt in the training format, each distinct answer
     of the data as the continuation; the most likely one is the prediction (ties: the first in order)."""
@@ -407,6 +422,7 @@ _REGISTRY: dict[str, tuple[Callable[[EvalOptions], Any], Callable[..., TaskOutpu
                   _likelihood_task("stereoset_scores")),
     "bbq": (_likelihood_loader("load_bbq", "bbq"), _likelihood_task("bbq_scores")),
     "boolq": (_load_boolq, _run_choice),
+    "privacy_policy": (_load_privacy_policy, _run_choice),
 }
 
 

@@ -4,7 +4,7 @@
   default, independent of the training seed, so that runs with different training seeds are evaluated on
   the same test set.  Presets (seed 1234): Rotten Tomatoes 80/10/10 = 10,202 / 1,275 / 1,275; BoolQ
   train.jsonl -> 8,484 train / 943 validation, dev.jsonl (3,270) -> test, since the official test set is
-  unlabelled.
+  unlabelled.  Privacy-policy QA 80/10/10 grouped by clause: 8,739 / 1,092 / 1,092.
 * ASDiv SFT target: ``"The answer is: {answer}"`` with the answer verbatim ("9 apples"); ASDiv has no
   rationales, and the evaluation harness extracts "The answer is: X".  The real asset (2,305 rows) holds
   one duplicated problem (same passage and question, same answer); it is dropped before splitting,
@@ -37,6 +37,8 @@ logger = logging.getLogger("balora.training.data")
 SPLIT_SEED = 1234
 ASDIV_RESPONSE = "The answer is: {answer}"
 BOOLQ_QUERY = "{passage}\n\nQuestion: {question}?\nAnswer yes or no."
+PRIVACY_QUERY = ("Privacy policy clause: {clause}\n\nUser question: {question}\n"
+                 "Is the clause relevant to the question? Answer yes or no.")
 
 SplitsFn = Callable[..., dict[str, list]]
 _F = TypeVar("_F", bound=SplitsFn)
@@ -195,6 +197,36 @@ def boolq_splits(seed: int = SPLIT_SEED, validation_fraction: float = 0.1) -> di
     """BoolQ: train.jsonl -> seeded train/validation; dev.jsonl -> test (the official test set
     is unlabelled)."""
     return load_splits("asset:boolq", seed=seed, validation_fraction=validation_fraction)
+
+
+@register_splits("privacy-policy")
+def privacy_policy_splits(seed: int = SPLIT_SEED) -> dict[str, list]:
+    """Privacy-policy QA: seeded 80/10/10 grouped by clause, so that every test clause is unseen in training
+    (each clause comes with ~11 questions; a pair-level split would let the model recall clauses)."""
+    records = load_records("asset:privacy-policy")
+    return split_records(records, seed=seed, test_fraction=0.1, validation_fraction=0.1,
+                         group_key=lambda r: r.get("clause"))
+
+
+def privacy_policy_instruction_records(records: Sequence[dict]) -> list[dict]:
+    """Privacy-policy rows as ``{query: clause + question (PRIVACY_QUERY), response: "yes" | "no"}`` (relevant
+    -> yes): the label as a word, for causal LMs (the NLG testbed; `balora eval --tasks privacy_policy`)."""
+    rows = []
+    for i, r in enumerate(records):
+        where = record_where(records, i, "privacy-policy")
+        label = str(field_value(r, "label", where)).strip()
+        if label not in ("relevant", "irrelevant"):
+            raise DataError(f"{where}: label must be 'relevant' or 'irrelevant', got {label!r}")
+        query = PRIVACY_QUERY.format(clause=str(field_value(r, "clause", where)).strip(),
+                                     question=str(field_value(r, "question", where)).strip())
+        rows.append({"query": query, "response": "yes" if label == "relevant" else "no"})
+    return Records(rows, records.source, records.lines) if isinstance(records, Records) else rows
+
+
+@register_splits("privacy-policy-words")
+def privacy_policy_words_splits(seed: int = SPLIT_SEED) -> dict[str, list]:
+    """`privacy_policy_splits` as instruction records (the label generated as yes / no), for a causal LM."""
+    return {k: privacy_policy_instruction_records(v) if v else v for k, v in privacy_policy_splits(seed=seed).items()}
 
 
 def boolq_instruction_records(records: Sequence[dict]) -> list[dict]:

@@ -42,14 +42,15 @@ def args(tmp_path, **kw):
 
 
 # ---------------------------------------------------------------- step 0: reference == pre-trained
+@pytest.mark.parametrize("swap", ["call", "value"])
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_reference_equals_pretrained_llama(method):
+def test_reference_equals_pretrained_llama(method, swap):
     pre = make_tiny_llama()
     model = build_peft_model(copy.deepcopy(pre), AdapterConfig(method=method, r=4), "nlg")
     batch = lm_batch()
     with torch.no_grad():
         want = pre(**inputs_of(batch)).logits
-        ref = reference_forward(model, ReferenceSnapshot.for_peft_model(model), **inputs_of(batch)).logits
+        ref = reference_forward(model, ReferenceSnapshot.for_peft_model(model), swap, **inputs_of(batch)).logits
         student = model(**inputs_of(batch)).logits
     assert (ref - want).abs().max() < 1e-4
     assert (student - want).abs().max() < 1e-4  # every method starts at the pre-trained model
@@ -66,8 +67,9 @@ def test_disabled_pissa_adapter_is_the_residual_not_the_pretrained_model():
     assert (residual - pre(**batch).logits).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("swap", ["call", "value"])
 @pytest.mark.parametrize("method", ["ba-lora", "lora", "dora"])
-def test_reference_equals_pretrained_bert_with_initial_head(method):
+def test_reference_equals_pretrained_bert_with_initial_head(method, swap):
     pre = make_tiny_bert()
     model = build_peft_model(copy.deepcopy(pre), AdapterConfig(method=method, r=4), "nlu")
     batch = cls_batch()
@@ -76,14 +78,15 @@ def test_reference_equals_pretrained_bert_with_initial_head(method):
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-        ref = reference_forward(model, ReferenceSnapshot.for_peft_model(model), **inputs_of(batch)).logits
+        ref = reference_forward(model, ReferenceSnapshot.for_peft_model(model), swap, **inputs_of(batch)).logits
         moved = model(**inputs_of(batch)).logits
         want = pre(**inputs_of(batch)).logits
     assert (ref - want).abs().max() < 1e-4
     assert (moved - want).abs().max() > 1e-3
 
 
-def test_reference_pass_leaves_model_mode_and_parameters_alone():
+@pytest.mark.parametrize("swap", ["call", "value"])
+def test_reference_pass_leaves_model_mode_and_parameters_alone(swap):
     model = build_peft_model(make_tiny_llama(), AdapterConfig(method="ba-lora", r=4, dropout=0.1), "nlg")
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -92,13 +95,45 @@ def test_reference_pass_leaves_model_mode_and_parameters_alone():
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(1.0)
-    reference_forward(model, snapshot, **inputs_of(lm_batch()))
-    reference_forward(model, snapshot, **inputs_of(lm_batch()))  # dropout is off: deterministic
+    first = reference_forward(model, snapshot, swap, **inputs_of(lm_batch())).logits
+    second = reference_forward(model, snapshot, swap, **inputs_of(lm_batch())).logits
+    assert torch.equal(first, second)  # dropout is off: deterministic
     assert model.training
     for n, p in model.named_parameters():
         expected = before[n] + 1.0 if p.requires_grad else before[n]
         assert torch.equal(p.detach(), expected), n
     assert all(not t.requires_grad for t in snapshot.tensors.values())
+
+
+def test_value_swap_restores_the_parameters_when_the_forward_raises():
+    model = build_peft_model(make_tiny_llama(), AdapterConfig(method="ba-lora", r=4), "nlg")
+    snapshot = ReferenceSnapshot.for_peft_model(model)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(IndexError):
+        reference_forward(model, snapshot, "value", input_ids=torch.full((1, 3), 10_000))  # past the vocabulary
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), trained[n]), n
+
+
+def test_auto_swap_and_zero3_placeholders_are_refused_with_the_alternatives():
+    from balora.core.reference import SnapshotUnavailableError, resolve_swap
+
+    model = build_peft_model(make_tiny_llama(), AdapterConfig(method="ba-lora", r=4), "nlg")
+    assert resolve_swap(model) == "call"  # unsharded parameters: functional_call
+    with pytest.raises(ValueError, match="swap must be one of"):
+        resolve_swap(model, "copy")
+    snapshot = ReferenceSnapshot.for_peft_model(model)
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():  # what DeepSpeed ZeRO-3 leaves outside its gather context
+        param.data = torch.empty(0)
+    param.ds_id = 7
+    with pytest.raises(SnapshotUnavailableError, match="ZeRO-3.*FSDP2.*teacher"):
+        reference_forward(model, snapshot, "value", **inputs_of(lm_batch()))
 
 
 # ---------------------------------------------------------------- gradients and training

@@ -6,8 +6,23 @@ W_res, not W (the authors' code makes this mistake). The pre-trained model is th
 magnitude = ‖W‖) the same holds, and for NLU the initial classification head is the reference head.
 
 So the reference is a frozen snapshot of the initial trainable tensors (the adapter factors and any
-`modules_to_save` head), swapped in with `torch.func.functional_call` for one no-grad forward pass.
-No second copy of the base weights is held; the snapshot costs one adapter's worth of memory.
+`modules_to_save` head), swapped in for one no-grad forward pass. No second copy of the base weights is
+held; the snapshot costs one adapter's worth of memory.
+
+Two ways to swap it in (`reference_forward(swap=...)`):
+
+* ``"call"``: `torch.func.functional_call` with the snapshot in place of the parameters; nothing is
+  written into the model. Default for unsharded parameters (single process, DDP, DeepSpeed ZeRO-1/2).
+* ``"value"``: copy the snapshot into each parameter's storage, run the forward, copy the current
+  values back (bit-exact). Under FSDP2 the parameters are sharded `DTensor`s that FSDP all-gathers
+  itself before each forward, so `functional_call` cannot replace them (it fails); copying into each
+  rank's *local shard* works with no engine-specific code. It must run before the student's forward of
+  the same step: FSDP2 reuses the all-gathered buffers, so a later forward would overwrite tensors the
+  student's backward still needs. The trainer orders it so. Default when a trainable parameter is a
+  `DTensor`.
+
+DeepSpeed ZeRO-3 partitions parameters into placeholders of size 0 outside its own gather context;
+the snapshot reference is refused there with the alternatives named (`SnapshotUnavailableError`).
 """
 
 from __future__ import annotations
@@ -19,16 +34,33 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.func import functional_call
 
+from balora.core.sharded import full_tensor
+
 INITIAL_STATE_ATTR = "_balora_initial_state"
+SWAPS = ("auto", "call", "value")
+
+
+class SnapshotUnavailableError(RuntimeError):
+    """The snapshot reference cannot be formed for this model (e.g. partitioned by DeepSpeed ZeRO-3)."""
+
+
+def _is_zero3_partitioned(param: torch.Tensor) -> bool:
+    # DeepSpeed ZeRO-3 tags each parameter with ds_id and leaves a 0-element placeholder outside a gather.
+    return hasattr(param, "ds_id") and param.numel() == 0
 
 
 class ReferenceSnapshot:
     """Frozen copies of a model's trainable tensors at the moment of creation (= step 0)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self.tensors: dict[str, torch.Tensor] = {n: t.detach().clone() for n, t in tensors.items()}
+        # A sharded (FSDP2) parameter is gathered whole: a collective, so every rank must snapshot together.
+        self.tensors: dict[str, torch.Tensor] = {
+            n: full_tensor(t).detach().clone() for n, t in tensors.items()}
+        self._shards: dict[str, torch.Tensor] | None = None  # this rank's shards under FSDP2, see local_shards
         for tensor in self.tensors.values():
             tensor.requires_grad_(False)
 
@@ -62,6 +94,36 @@ class ReferenceSnapshot:
                 self.tensors[name] = tensor.to(device=p.device, dtype=p.dtype)
         return self.tensors
 
+    def local_shards(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The snapshot laid out like ``model``'s parameters: for a `DTensor` parameter (FSDP2) this rank's
+        shard of the full snapshot tensor (cut once, locally: every rank holds the same full snapshot,
+        taken before sharding, so ``src_data_rank=None`` needs no communication), else `matching`."""
+        params = dict(model.named_parameters())
+        partitioned = [n for n in self.tensors if n in params and _is_zero3_partitioned(params[n])]
+        if partitioned:
+            raise SnapshotUnavailableError(
+                f"parameter {partitioned[0]!r} is partitioned by DeepSpeed ZeRO-3: the snapshot reference cannot "
+                "be swapped in. Use FSDP2 or DeepSpeed ZeRO-2 instead, or balora.reference: "
+                "teacher with an unpartitioned copy of the pre-trained model")
+        if not any(isinstance(params.get(n), DTensor) for n in self.tensors):
+            return self.matching(model)
+        if self._shards is None:
+            shards: dict[str, torch.Tensor] = {}
+            for name, tensor in self.matching_names(params).items():
+                p = params[name]
+                t = tensor.to(device=p.device, dtype=p.dtype)
+                shards[name] = (distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                                if isinstance(p, DTensor) else t)
+            self._shards = shards
+        return self._shards
+
+    def matching_names(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The snapshot, after checking that every name is a parameter of the model."""
+        missing = [n for n in self.tensors if n not in params]
+        if missing:
+            raise KeyError(f"reference snapshot names {missing[:3]}... are not parameters of the model")
+        return self.tensors
+
     def fingerprint(self) -> str:
         """A hash of the snapshot's values, to check that every process holds the same reference."""
         digest = hashlib.sha256()
@@ -82,11 +144,54 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def resolve_swap(model: nn.Module, swap: str = "auto") -> str:
+    """``"value"`` when ``swap`` is auto and a trainable parameter is a `DTensor` (FSDP2), else ``"call"``."""
+    if swap not in SWAPS:
+        raise ValueError(f"swap must be one of {SWAPS}, got {swap!r}")
+    if swap != "auto":
+        return swap
+    sharded = any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+    return "value" if sharded else "call"
+
+
+@contextmanager
+def swapped_in(model: nn.Module, snapshot: ReferenceSnapshot) -> Iterator[None]:
+    """Within the block, ``model``'s trainable parameters hold the snapshot's values (copied into their
+    storage, the local shard for a `DTensor`); on exit the values they had are copied back, bit for bit,
+    also when the block raises."""
+    params = dict(model.named_parameters())
+    snap = snapshot.local_shards(model)
+    targets = {n: (params[n].to_local() if isinstance(params[n], DTensor) else params[n]) for n in snap}
+    with torch.no_grad():
+        saved = {n: t.detach().clone() for n, t in targets.items()}
+        try:
+            _reshard(model)  # a module left unsharded would not see values written into its shards
+            for n, t in targets.items():
+                t.copy_(snap[n])
+            yield
+        finally:
+            # FSDP2 keeps the root module unsharded after a forward without backward: free that copy of the
+            # snapshot's values, or the student's next forward would reuse it (the head, under the root).
+            _reshard(model)
+            for n, t in targets.items():
+                t.copy_(saved[n])
+
+
+def _reshard(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @torch.no_grad()
-def reference_forward(model: nn.Module, snapshot: ReferenceSnapshot, **inputs: Any) -> Any:
+def reference_forward(model: nn.Module, snapshot: ReferenceSnapshot, swap: str = "auto", **inputs: Any) -> Any:
     """``model(**inputs)`` with the snapshot's tensors in place of the trainable ones, in eval mode
-    and without building a graph. ``model`` must be the unwrapped model (not DDP)."""
+    and without building a graph. ``model`` must be the unwrapped model (not DDP); under FSDP2 (swap
+    ``"value"``) it must run before the student's forward of the step (see the module docstring)."""
     with eval_mode(model):
+        if resolve_swap(model, swap) == "value":
+            with swapped_in(model, snapshot):
+                return model(**inputs)
         return functional_call(model, snapshot.matching(model), args=(), kwargs=inputs, strict=False)
 
 

@@ -26,6 +26,7 @@ from balora.core.losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate
 from balora.core.reference import ReferenceSnapshot, reference_forward, teacher_forward
 from balora.core.reference_cache import nlu_reference_logits
 from balora.core.regularizers import valid_positions
+from balora.core.sharded import full_tensor
 from balora.training.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
@@ -231,6 +232,13 @@ class BALoraTrainerMixin:
                 loss = self._combine(terms, num_items_in_batch)
                 return (loss, outputs) if return_outputs else loss
 
+        # The reference first: under FSDP2 its forward reuses the buffers the student's backward would need.
+        if cfg is None:
+            ref_logits = None
+        elif task == "nlu" and self._cache is not None and inputs.get("example_index") is not None:
+            ref_logits = self._cached_nlu_logits(model, inputs["example_index"])
+        else:
+            ref_logits = self._reference_logits(model, model_inputs)
         features: list[torch.Tensor] = []
         hook = capture_head_input(model, features) if self._needs_features(cfg) else None
         try:
@@ -238,12 +246,6 @@ class BALoraTrainerMixin:
         finally:
             if hook is not None:
                 hook.remove()
-        if cfg is None:
-            ref_logits = None
-        elif task == "nlu" and self._cache is not None and inputs.get("example_index") is not None:
-            ref_logits = self._cached_nlu_logits(model, inputs["example_index"])
-        else:
-            ref_logits = self._reference_logits(model, model_inputs)
 
         try:
             if task == "nlg":
@@ -314,14 +316,32 @@ class BALoraTrainerMixin:
         head = unwrapped.get_output_embeddings()
         return head.weight, head.bias, OutputLayerFactor(head.weight, head.bias)
 
+    def _bound_head(self, fused: tuple[torch.Tensor, torch.Tensor | None, OutputLayerFactor],
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, OutputLayerFactor]:
+        """The output layer as the model holds it now (an engine such as FSDP2 replaces parameters when it
+        wraps the model, after this trainer was built), gathered whole if sharded: it is frozen, so one
+        full copy per rank serves every step (its memory is counted in docs/guide/distributed.md)."""
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        weight, bias = full_tensor(head.weight), None if head.bias is None else full_tensor(head.bias)
+        if weight is fused[0] and bias is fused[1]:
+            return fused
+        return weight, bias, OutputLayerFactor(weight, bias)
+
     def _fused_nlg_terms(self, model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor,
                          cfg: BALoraConfig | None, example_index: torch.Tensor | None = None,
                          num_items_in_batch: torch.Tensor | int | None = None,
                          ) -> tuple[Any, MicroBatchTerms | None]:
         """Student forward that keeps only the last position's logits and returns the final hidden
         states (after the final norm), then the task loss and the terms from them, chunk-wise."""
+        if not self._fused_checked:
+            self._fused = self._bound_head(self._fused)
         weight, bias, factor = self._fused
         light = {"output_hidden_states": -1, "logits_to_keep": 1}
+        online_reference = cfg is not None and cfg.lambda_consistency > 0 and not (
+            self._cache is not None and example_index is not None)
+        # The reference before the student (FSDP2 reuses the forward's buffers; see balora.core.reference).
+        ref_hidden = (self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
+                      if online_reference else None)
         outputs = model(**model_inputs, **light)
         hidden = outputs.hidden_states[-1] if outputs.hidden_states is not None else None
         if not self._fused_checked:
@@ -333,7 +353,6 @@ class BALoraTrainerMixin:
                                "output layer; computing the loss from full logits")
                 self._fused = None
                 return outputs, None
-        ref_hidden = None
         if cfg is not None and cfg.lambda_consistency > 0:
             if self._cache is not None and example_index is not None:
                 # the weights are known before the pass, so task, consistency and diversity share one
@@ -345,7 +364,6 @@ class BALoraTrainerMixin:
                     hidden, labels, weight, bias, cfg, (u, s), 1.0 / denom, lam1 * weight_, lam2 * weight_,
                     chunk_size=self.loss_chunk_size, svd_factor=factor)
                 return outputs, terms
-            ref_hidden = self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
         terms = nlg_terms_from_hidden(hidden, labels, weight, bias, cfg, ref_hidden,
                                       chunk_size=self.loss_chunk_size, svd_factor=factor)
         return outputs, terms

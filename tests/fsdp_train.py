@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import cls_batch, make_tiny_bert, make_tiny_llama  # noqa: E402
 
 from balora import AdapterConfig, BALoraConfig, BALoraTrainer, build_peft_model  # noqa: E402
-from balora.core.sharded import full_tensor, is_sharded  # noqa: E402
+from balora.core.export import save_adapter, save_converted_lora, save_converted_lora_from_adapter  # noqa: E402
+from balora.core.reference import ReferenceSnapshot  # noqa: E402
+from balora.core.sharded import full_state_dict, full_tensor, is_sharded  # noqa: E402
 
 MICRO, STEPS, WORLD = 4, 3, 2
 
@@ -60,12 +62,18 @@ def rows(task: str) -> list[dict]:
     return [{k: v[i] for k, v in b.items()} for i in range(n)]
 
 
-def train(out: str, method: str, task: str, sharded: bool, rank: int) -> None:
+def base_model(task: str) -> torch.nn.Module:
+    """The tiny pre-trained model (same seed every call), dropout off: its draws differ between one
+    process and two."""
     base = make_tiny_llama() if task == "nlg" else make_tiny_bert()
     for module in base.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    model = build_peft_model(base, AdapterConfig(method=method, r=4, pissa_niter=2, init_seed=3), task)
+    return base
+
+
+def train(out: str, method: str, task: str, sharded: bool, rank: int) -> None:
+    model = build_peft_model(base_model(task), AdapterConfig(method=method, r=4, pissa_niter=2, init_seed=3), task)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = rows(task)
     if sharded:
@@ -91,6 +99,15 @@ def train(out: str, method: str, task: str, sharded: bool, rank: int) -> None:
     trainer = InOrder(model=model, args=args, train_dataset=Rows(data), balora_config=balora)
     trainer.train()
     adapter = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
+    state = full_state_dict(model)  # every rank gathers; rank 0 writes the artefacts of balora train
+    if rank == 0:
+        where = Path(out) / f"{method}-{task}-{mode}"
+        save_adapter(model, where / "adapter", {"init_seed": 3}, state_dict=state)
+        if sharded:  # PEFT's PiSSA conversion cannot run on the sharded model: converted on a reloaded copy
+            save_converted_lora_from_adapter(base_model(task), where / "adapter", where / "lora_converted",
+                                             ReferenceSnapshot.for_peft_model(model))
+        else:
+            save_converted_lora(model, where / "lora_converted")
     if rank == 0:
         torch.save({"adapter": adapter, "initial": initial, "sharded": [n for n, p in model.named_parameters()
                                                      if p.requires_grad and is_sharded(p)]},

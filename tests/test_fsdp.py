@@ -48,3 +48,18 @@ def test_fsdp2_adapter_equals_the_single_process_run(runs: Path, run: str) -> No
         # Measured: bit-identical on this CPU (two-rank averaging is one exact addition and a halving);
         # the tolerance allows another reduction order on other hardware.
         torch.testing.assert_close(sharded["adapter"][key], expected, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_fsdp2_artefacts_equal_the_single_process_ones(runs: Path, run: str) -> None:
+    """adapter/ and lora_converted/, written under `gathered` on rank 0, hold the same tensors as the
+    single-process run's and load as plain PEFT adapters."""
+    from safetensors.torch import load_file
+
+    name = run.replace(":", "-")
+    for artefact in ("adapter", "lora_converted"):
+        single = load_file(runs / f"{name}-single" / artefact / "adapter_model.safetensors")
+        sharded = load_file(runs / f"{name}-fsdp" / artefact / "adapter_model.safetensors")
+        assert single.keys() == sharded.keys() and single, artefact
+        for key, expected in single.items():
+            torch.testing.assert_close(sharded[key], expected, rtol=1e-5, atol=1e-6, msg=f"{artefact}: {key}")

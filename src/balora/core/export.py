@@ -63,22 +63,25 @@ def _recorded_base(peft_model: PeftModel, base_model_name_or_path: str | None) -
 
 
 def save_adapter(peft_model: PeftModel, directory: str | Path, metadata: dict[str, Any] | None = None, *,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+                 ) -> Path:
     """The trained PEFT adapter, plus ``balora_adapter.json`` (method, init seed, the base model's id
-    and asset) for `load_trained`."""
+    and asset) for `load_trained`. ``state_dict``: the model's whole state dict when its parameters are
+    sharded (`balora.core.sharded.full_state_dict`), else read from the model."""
     directory = Path(directory)
     with _recorded_base(peft_model, base_model_name_or_path):
-        peft_model.save_pretrained(directory)
+        peft_model.save_pretrained(directory, **({} if state_dict is None else {"state_dict": state_dict}))
     (directory / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True))
     return directory
 
 
 def save_initial_adapter(peft_model: PeftModel, directory: str | Path,
-                         snapshot: ReferenceSnapshot | None = None) -> Path:
+                         snapshot: ReferenceSnapshot | None = None,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """The adapter as it was at step 0 (from the reference snapshot), configured as a plain LoRA
     (``init_lora_weights=True``) as PEFT's PiSSA → LoRA conversion requires."""
     snapshot = snapshot or ReferenceSnapshot.for_peft_model(peft_model)
-    state = peft_model.state_dict()
+    state = dict(peft_model.state_dict() if state_dict is None else state_dict)
     state.update({name: t.to(state[name].device, state[name].dtype) for name, t in snapshot.tensors.items()})
     config = peft_model.peft_config[_adapter_name(peft_model)]
     original_init = config.init_lora_weights
@@ -90,11 +93,12 @@ def save_initial_adapter(peft_model: PeftModel, directory: str | Path,
     return Path(directory)
 
 
-def _add_trained_modules(peft_model: PeftModel, directory: Path) -> list[str]:
+def _add_trained_modules(peft_model: PeftModel, directory: Path,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Put the tensors of the adapter that are not LoRA factors (``modules_to_save``: the trained
     classification head) into ``directory``'s weights, where PEFT's PiSSA → LoRA conversion leaves
     them out; returns their names."""
-    trained = get_peft_model_state_dict(peft_model, adapter_name=_adapter_name(peft_model))
+    trained = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=_adapter_name(peft_model))
     path = directory / "adapter_model.safetensors"
     tensors = load_file(path)
     extra = {name: t.detach().to("cpu").contiguous().clone() for name, t in trained.items()
@@ -106,7 +110,8 @@ def _add_trained_modules(peft_model: PeftModel, directory: Path) -> list[str]:
 
 def save_converted_lora(peft_model: PeftModel, directory: str | Path,
                         snapshot: ReferenceSnapshot | None = None, *,
-                        base_model_name_or_path: str | None = None) -> Path:
+                        base_model_name_or_path: str | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """A plain LoRA adapter that reproduces the trained model on the *untouched* base model.
 
     For PiSSA adapters this is PEFT's conversion (rank 2r: [A; A0], [B, −B0]) plus the modules
@@ -114,16 +119,28 @@ def save_converted_lora(peft_model: PeftModel, directory: str | Path,
     other methods are plain LoRA / DoRA already and are saved as they are.
     """
     directory = Path(directory)
+    given = {} if state_dict is None else {"state_dict": state_dict}
     with _recorded_base(peft_model, base_model_name_or_path):
         if not _is_pissa(peft_model):
-            peft_model.save_pretrained(directory)
+            peft_model.save_pretrained(directory, **given)
             return directory
         with tempfile.TemporaryDirectory() as tmp:
             initial = Path(tmp) / "initial_adapter"
-            save_initial_adapter(peft_model, initial, snapshot)
-            peft_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial))
-    _add_trained_modules(peft_model, directory)
+            save_initial_adapter(peft_model, initial, snapshot, state_dict)
+            peft_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial), **given)
+    _add_trained_modules(peft_model, directory, state_dict)
     return directory
+
+
+def save_converted_lora_from_adapter(base_model: nn.Module, adapter_dir: str | Path, directory: str | Path,
+                                    snapshot: ReferenceSnapshot, *,
+                                    base_model_name_or_path: str | None = None) -> Path:
+    """`save_converted_lora` for a model whose parameters are sharded (FSDP2): PEFT's conversion loads
+    a second adapter into the model, which a sharded model cannot take, so the saved ``adapter_dir`` is
+    loaded onto the untouched ``base_model`` (one process, `load_trained`: the same PiSSA residual) and
+    converted there, with ``snapshot`` (the training's step-0 tensors, whole) as the initial adapter."""
+    plain = load_trained(base_model, adapter_dir)
+    return save_converted_lora(plain, directory, snapshot, base_model_name_or_path=base_model_name_or_path)
 
 
 def save_merged(peft_model: PeftModel, directory: str | Path, tokenizer: Any = None) -> Path:

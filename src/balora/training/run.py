@@ -49,7 +49,15 @@ from transformers.trainer_callback import PrinterCallback, TrainerState
 from balora.assets import resolve
 from balora.core.adapters import build_peft_model, trainable_parameter_count
 from balora.core.config import ConfigError
-from balora.core.export import save_adapter, save_converted_lora, save_merged
+from balora.core.export import (
+    load_trained,
+    save_adapter,
+    save_converted_lora,
+    save_converted_lora_from_adapter,
+    save_merged,
+)
+from balora.core.reference import ReferenceSnapshot
+from balora.core.sharded import full_state_dict, is_sharded
 from balora.training import data as D
 from balora.training.callbacks import BALoraProgressCallback
 from balora.training.faults import maybe_fail
@@ -511,6 +519,10 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
     if cfg.eval.test:  # every rank takes part
         maybe_fail("evaluate")
         metrics["test"] = evaluate_split(trainer, data.test, cfg.model.task, data.label_map, predictions["test"])
+    # Under FSDP2 (accelerate launch with an fsdp2 config) the parameters are sharded: every rank gathers
+    # the whole state dict (a collective) before rank 0 writes from it.
+    sharded = any(is_sharded(p) for p in peft_model.parameters())
+    state = full_state_dict(trainer.accelerator.unwrap_model(trainer.model)) if sharded else None
     if not trainer.is_world_process_zero():  # under accelerate launch, rank 0 alone writes the artefacts
         return metrics
     status("running", phase="saving")
@@ -520,13 +532,23 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
     hub_id = meta["base_model_hub_id"]
     card = build_model_card(cfg, metrics, label_map=data.label_map,
                             target_modules=peft_model.peft_config[peft_model.active_adapter].target_modules)
-    _save_dir(out / "adapter", lambda d: (save_adapter(peft_model, d, meta, base_model_name_or_path=hub_id),
+    _save_dir(out / "adapter", lambda d: (save_adapter(peft_model, d, meta, base_model_name_or_path=hub_id,
+                                                       state_dict=state),
                                           tokenizer.save_pretrained(d), write_text_atomic(d / "README.md", card)))
     maybe_fail("final-save")  # testing hook (balora.training.faults)
-    _save_dir(out / "lora_converted", lambda d: (save_converted_lora(peft_model, d, base_model_name_or_path=hub_id),
-                                                 write_text_atomic(d / "README.md", card)))
-    if cfg.save_merged:
-        _save_dir(out / "merged", lambda d: save_merged(peft_model, d, tokenizer))
+    if sharded:  # PEFT's conversion and merge change the model: done on a reloaded, unsharded copy
+        initial = ReferenceSnapshot.for_peft_model(peft_model)
+        _save_dir(out / "lora_converted", lambda d: (save_converted_lora_from_adapter(
+            load_base_model(cfg, data.label_map), out / "adapter", d, initial, base_model_name_or_path=hub_id),
+            write_text_atomic(d / "README.md", card)))
+        if cfg.save_merged:
+            _save_dir(out / "merged", lambda d: save_merged(
+                load_trained(load_base_model(cfg, data.label_map), out / "adapter"), d, tokenizer))
+    else:
+        _save_dir(out / "lora_converted", lambda d: (save_converted_lora(peft_model, d, base_model_name_or_path=hub_id),
+                                                     write_text_atomic(d / "README.md", card)))
+        if cfg.save_merged:
+            _save_dir(out / "merged", lambda d: save_merged(peft_model, d, tokenizer))
     write_json(out / "log_history.json", trainer.state.log_history)
     for split, items in predictions.items():
         if items:

@@ -336,6 +336,24 @@ def test_trainer_fused_loss_equals_full_logits_loss_and_gradients(tmp_path):
         assert results[True][2][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
 
+def test_an_output_layer_partitioned_by_zero3_falls_back_to_full_logits(tmp_path, caplog):
+    model = build_peft_model(make_tiny_llama(), AdapterConfig(method="pissa", r=4), "nlg")
+    trainer = BALoraTrainer(model=model, args=args(tmp_path), balora_config=None)
+    assert trainer._fused is not None
+    head = model.get_output_embeddings()
+    whole = head.weight
+    placeholder = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    placeholder.ds_id = 3  # as DeepSpeed ZeRO-3 leaves it after wrapping, outside its gather context
+    head.weight = placeholder
+    with caplog.at_level("WARNING", logger="balora.training.trainer"):
+        assert trainer._bound_head(trainer._fused) is None
+    assert "partitioned by DeepSpeed ZeRO-3; computing the loss from full logits" in caplog.text
+    head.weight = whole
+    model.train()
+    trainer._fused = trainer._bound_head(trainer._fused)
+    assert trainer._fused[0] is whole  # an unsharded layer is used as it is, no copy
+
+
 def test_trainable_output_layer_falls_back_to_full_logits(tmp_path, caplog):
     adapter = AdapterConfig(method="ba-lora", r=4, target_modules=["q_proj", "v_proj", "lm_head"])
     model = build_peft_model(make_tiny_llama(), adapter, "nlg")

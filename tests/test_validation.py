@@ -350,3 +350,35 @@ def test_evaluate_samples_names_the_sample():
                          {p["task_id"]: p for p in PROBLEMS})
     with pytest.raises(KeyError, match="sample 1 lacks 'completion'"):
         evaluate_samples([{"task_id": "toy/0"}], {p["task_id"]: p for p in PROBLEMS})
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version: 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
+     "fsdp_cpu_ram_efficient_loading: false"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3.*fsdp2.*zero2"),
+])
+def test_engines_balora_cannot_serve_are_refused_before_loading(env, match):
+    from balora.training.preflight import _check_engine
+    from balora.training.run_config import run_config_from_dict
+
+    cfg = run_config_from_dict({"method": "ba-lora", "model": {"name": "m", "task": "nlg"}})
+    with pytest.raises(ConfigError, match=match):
+        _check_engine(cfg, env)
+    plain = run_config_from_dict({"method": "pissa", "model": {"name": "m", "task": "nlg"}})
+    if "ZERO_STAGE" in str(env):  # ZeRO-3 trains the methods without a reference
+        _check_engine(plain, env)
+    _check_engine(cfg, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})  # the shipped fsdp2 config
+    _check_engine(cfg, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_shipped_launch_configs_parse_as_accelerate_configs(engine, capsys):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert main(["launch-config", engine]) == 0
+    path = capsys.readouterr().out.strip()
+    config = load_config_from_file(path)
+    assert str(config.distributed_type).endswith({"ddp": "MULTI_GPU", "fsdp2": "FSDP"}.get(engine, "DEEPSPEED"))
+    if engine == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2 and not config.fsdp_config["fsdp_cpu_ram_efficient_loading"]

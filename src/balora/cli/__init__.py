@@ -1,4 +1,4 @@
-"""The `balora` command: train, export, info, assets, demo, eval, compare, lab, presets, reference.
+"""The `balora` command: train, export, info, assets, demo, eval, compare, lab, presets, launch-config, reference.
 
 Each sub-command's parser and handler live in their own module here; the library code they call
 lives in `balora.training`, `balora.evaluation` and `balora.experiments`. Heavy imports (torch,
@@ -12,7 +12,7 @@ import logging
 import sys
 
 from balora import __version__
-from balora.cli import assets, compare, demo, eval, lab, presets, push, reference, train
+from balora.cli import assets, compare, demo, eval, lab, launch_config, presets, push, reference, train
 
 
 def _shared_options() -> list[argparse.ArgumentParser]:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_parser(sub, parents)
     push.add_parser(sub, parents)
     presets.add_parser(sub, parents)
+    launch_config.add_parser(sub, parents)
     reference.add_parser(sub, parents)
     return parser
 

@@ -38,7 +38,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.func import functional_call
 
-from balora.core.sharded import full_tensor
+from balora.core.sharded import full_tensor, is_partitioned
 
 INITIAL_STATE_ATTR = "_balora_initial_state"
 SWAPS = ("auto", "call", "value")
@@ -46,11 +46,6 @@ SWAPS = ("auto", "call", "value")
 
 class SnapshotUnavailableError(RuntimeError):
     """The snapshot reference cannot be formed for this model (e.g. partitioned by DeepSpeed ZeRO-3)."""
-
-
-def _is_zero3_partitioned(param: torch.Tensor) -> bool:
-    # DeepSpeed ZeRO-3 tags each parameter with ds_id and leaves a 0-element placeholder outside a gather.
-    return hasattr(param, "ds_id") and param.numel() == 0
 
 
 class ReferenceSnapshot:
@@ -99,7 +94,7 @@ class ReferenceSnapshot:
         shard of the full snapshot tensor (cut once, locally: every rank holds the same full snapshot,
         taken before sharding, so ``src_data_rank=None`` needs no communication), else `matching`."""
         params = dict(model.named_parameters())
-        partitioned = [n for n in self.tensors if n in params and _is_zero3_partitioned(params[n])]
+        partitioned = [n for n in self.tensors if n in params and is_partitioned(params[n])]
         if partitioned:
             raise SnapshotUnavailableError(
                 f"parameter {partitioned[0]!r} is partitioned by DeepSpeed ZeRO-3: the snapshot reference cannot "

@@ -15,6 +15,12 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def is_partitioned(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DeepSpeed ZeRO-3 placeholder: tagged with ``ds_id``, empty outside
+    DeepSpeed's own gather context."""
+    return hasattr(tensor, "ds_id") and tensor.numel() == 0
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a `DTensor` gathered from every rank (a collective: all ranks must call it
     together), any other tensor as it is."""

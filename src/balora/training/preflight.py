@@ -19,8 +19,10 @@ read); these are the ones that need transformers, the model's configuration or t
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,33 @@ def check_before_loading(cfg: RunConfig) -> None:
     """Refuse, with a ``ConfigError`` (or a ``DataError`` naming file and line), every configured value
     that would otherwise fail after the model has loaded or train something other than what was asked."""
     _check_device(cfg)
+    _check_engine(cfg, os.environ)
     _check_training_arguments(cfg)
     _check_report_to(cfg)
     model_config = _model_config(cfg)
     _check_modules(cfg, model_config)
     _check_data(cfg)
+
+
+# ---------------------------------------------------------------------------- distributed engine
+def _check_engine(cfg: RunConfig, env: Mapping[str, str]) -> None:
+    """What `accelerate launch` set up (its environment variables), against what balora can do there."""
+    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and env.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError("FSDP version 1 is not supported (its flat parameters hide the adapter's tensors from "
+                          "the reference snapshot); set fsdp_version: 2 in the accelerate config, as "
+                          "`balora launch-config fsdp2` does")
+    if fsdp and env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        raise ConfigError("fsdp_cpu_ram_efficient_loading: true leaves the weights of ranks > 0 on the meta device "
+                          "while the adapter is built, so PiSSA's SVD and the step-0 reference would be wrong there; "
+                          "set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
+    zero3 = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
+        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    balora = cfg.balora_config()
+    if zero3 and balora is not None and balora.lambda_consistency > 0 and balora.reference == "snapshot":
+        raise ConfigError("balora.lambda_consistency: BA-LoRA's snapshot reference cannot be swapped into "
+                          "parameters partitioned by DeepSpeed ZeRO-3; launch with `balora launch-config fsdp2` "
+                          "(sharded parameters) or `zero2`, or set balora.lambda_consistency: 0")
 
 
 # ---------------------------------------------------------------------------- device and precision

@@ -26,7 +26,7 @@ from balora.core.losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate
 from balora.core.reference import ReferenceSnapshot, reference_forward, teacher_forward
 from balora.core.reference_cache import nlu_reference_logits
 from balora.core.regularizers import valid_positions
-from balora.core.sharded import full_tensor
+from balora.core.sharded import full_tensor, is_partitioned
 from balora.training.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
@@ -317,11 +317,16 @@ class BALoraTrainerMixin:
         return head.weight, head.bias, OutputLayerFactor(head.weight, head.bias)
 
     def _bound_head(self, fused: tuple[torch.Tensor, torch.Tensor | None, OutputLayerFactor],
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, OutputLayerFactor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, OutputLayerFactor] | None:
         """The output layer as the model holds it now (an engine such as FSDP2 replaces parameters when it
         wraps the model, after this trainer was built), gathered whole if sharded: it is frozen, so one
-        full copy per rank serves every step (its memory is counted in docs/guide/distributed.md)."""
+        full copy per rank serves every step (its memory is counted in docs/guide/distributed.md).
+        None (full logits from then on) when DeepSpeed ZeRO-3 has partitioned it."""
         head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if is_partitioned(head.weight):
+            logger.warning("BA-LoRA: the output layer is partitioned by DeepSpeed ZeRO-3; computing the loss "
+                           "from full logits")
+            return None
         weight, bias = full_tensor(head.weight), None if head.bias is None else full_tensor(head.bias)
         if weight is fused[0] and bias is fused[1]:
             return fused
@@ -335,6 +340,9 @@ class BALoraTrainerMixin:
         states (after the final norm), then the task loss and the terms from them, chunk-wise."""
         if not self._fused_checked:
             self._fused = self._bound_head(self._fused)
+            if self._fused is None:
+                self._fused_checked = True
+                return None, None
         weight, bias, factor = self._fused
         light = {"output_hidden_states": -1, "logits_to_keep": 1}
         online_reference = cfg is not None and cfg.lambda_consistency > 0 and not (

@@ -382,3 +382,21 @@ def test_shipped_launch_configs_parse_as_accelerate_configs(engine, capsys):
     assert str(config.distributed_type).endswith({"ddp": "MULTI_GPU", "fsdp2": "FSDP"}.get(engine, "DEEPSPEED"))
     if engine == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2 and not config.fsdp_config["fsdp_cpu_ram_efficient_loading"]
+
+
+def test_model_quantize_values_and_requirements(monkeypatch):
+    import importlib.util
+
+    from balora.training.preflight import _check_engine
+    from balora.training.run_config import run_config_from_dict
+
+    with pytest.raises(ConfigError, match=r"model.quantize: expected"):
+        run_config_from_dict({"method": "pissa", "model": {"name": "m", "task": "nlg", "quantize": 3}})
+    cfg = run_config_from_dict({"method": "pissa", "model": {"name": "m", "task": "nlg", "quantize": 4}})
+    _check_engine(cfg, {})
+    with pytest.raises(ConfigError, match="DDP only"):
+        _check_engine(cfg, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"balora\[quantization\]"):
+        _check_engine(cfg, {})

@@ -64,6 +64,16 @@ def _check_engine(cfg: RunConfig, env: Mapping[str, str]) -> None:
                           "set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
     zero3 = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
         env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if cfg.model.quantize is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"model.quantize: {cfg.model.quantize}-bit bases need bitsandbytes: "
+                              "pip install 'balora[quantization]' (or remove model.quantize)")
+        if fsdp or env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            raise ConfigError("model.quantize: a quantised base is supported in one process or under DDP only "
+                              "(balora's FSDP2 / DeepSpeed paths are not tested with bitsandbytes layers); "
+                              "launch with `balora launch-config ddp` or remove model.quantize")
     balora = cfg.balora_config()
     if zero3 and balora is not None and balora.lambda_consistency > 0 and balora.reference == "snapshot":
         raise ConfigError("balora.lambda_consistency: BA-LoRA's snapshot reference cannot be swapped into "

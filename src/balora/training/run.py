@@ -64,6 +64,7 @@ from balora.training.faults import maybe_fail
 from balora.training.metrics import classification_metrics, regression_metrics
 from balora.training.model_card import adapter_metadata, build_model_card, hub_model_id_default
 from balora.training.preflight import accelerator, check_before_loading
+from balora.training.quantized import quantize_base
 from balora.training.quiet import quiet_transformers, quiet_warnings
 from balora.training.reference_store import IndexedCollator, store_for_run, with_example_index
 from balora.training.run_config import TRAINING_DEFAULTS, RunConfig, dump_run_config, run_config_from_dict
@@ -451,6 +452,12 @@ def _run(cfg: RunConfig, out: Path, resume_from: Path | None, trained: dict[str,
     training = cfg.training_arguments()
     adapter = cfg.adapter_config()
     peft_model = build_peft_model(model, adapter, cfg.model.task)
+    if cfg.model.quantize is not None:  # QLoRA / QPiSSA: the base quantised after the adapter's init
+        auto = AutoModelForSequenceClassification if cfg.model.task == "nlu" else AutoModelForCausalLM
+        device = accelerator() or "cpu"
+        peft_model = quantize_base(peft_model, cfg.model.quantize,
+                                   lambda path, **kw: auto.from_pretrained(path, device_map=device, **kw),
+                                   compute_dtype=getattr(torch, cfg.model.dtype))
     trainable, total = trainable_parameter_count(peft_model)
 
     if "dataloader_pin_memory" not in cfg.training and accelerator() is None:

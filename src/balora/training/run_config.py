@@ -51,6 +51,8 @@ class ModelConfig:
     name: str = "asset:minilm"  # hub id, local path or asset:NAME
     task: Literal["nlg", "nlu"] = "nlu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # 4 | 8: a bitsandbytes base (QLoRA; QPiSSA for pissa / ba-lora), quantised after the adapter's init
+    quantize: Literal[4, 8] | None = None
     revision: str | None = None
     trust_remote_code: bool = False
 

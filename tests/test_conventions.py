@@ -229,3 +229,18 @@ def test_a_tiny_run_is_quiet_by_default_and_not_with_v(tiny_config, tmp_path, ca
     assert any(m.startswith("PiSSA changes the base weights") for m in shown)
     assert any("LOAD REPORT" in m for m in logged)
     logging.getLogger("balora").setLevel(logging.NOTSET)
+
+
+def test_bitsandbytes_kernel_notice_is_dropped_unless_verbose():
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    code = ("import logging, sys; import balora\n"
+            "if len(sys.argv) > 1: logging.getLogger('balora').setLevel(logging.INFO)\n"
+            "import peft, bitsandbytes")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "gemm_4bit_forward" not in quiet.stderr + quiet.stdout
+    loud = subprocess.run([sys.executable, "-c", code, "-v"], capture_output=True, text=True, timeout=300)
+    if "gemm_4bit_forward" not in loud.stderr:  # bitsandbytes logs it only on CPUs with AVX-512 BF16
+        pytest.skip("this CPU does not make bitsandbytes log the notice")

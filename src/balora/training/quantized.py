@@ -16,7 +16,6 @@ is smaller than Quant(W)'s, because the principal part B0·A0 stays in full prec
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,6 @@ from torch import nn
 
 from balora.core.export import save_initial_adapter
 from balora.core.reference import ReferenceSnapshot
-from balora.training.quiet import verbose
 
 BITS = (4, 8)
 # Classification heads stay in full precision (a fresh head is trained in full: modules_to_save).
@@ -55,8 +53,6 @@ def quantize_base(peft_model: PeftModel, bits: int, load: Callable[..., nn.Modul
     ``from_pretrained``). ``peft_model`` is consumed (its base is unloaded)."""
     from peft import prepare_model_for_kbit_training
 
-    if not verbose():  # bitsandbytes' notice, on import, that an optional faster CPU kernel is not installed
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     init_lora_weights = peft_model.peft_config[peft_model.active_adapter].init_lora_weights
     snapshot = ReferenceSnapshot.for_peft_model(peft_model)
     with tempfile.TemporaryDirectory(prefix="balora-quantize-") as tmp:

@@ -14,6 +14,10 @@ warning of balora itself, is shown as usual:
   which balora does itself (``lora_converted/``).
 * ``Unable to fetch remote file ... config.json`` / ``Could not find a config file ... vocabulary was not
   modified`` (PEFT, saving an adapter whose base is a hub id, offline): balora never resizes the vocabulary.
+* ``Failed to load CPU gemm_4bit_forward from kernels-community`` (bitsandbytes' logger, whenever
+  transformers imports it on a CPU with AVX-512 BF16): an optional faster kernel package is not installed;
+  bitsandbytes uses its own. PEFT imports bitsandbytes when it is installed, so the filter that drops this one
+  record is installed by ``import balora`` itself (``balora/__init__.py``), before anything imports PEFT.
 * transformers' load report (a logger warning): a fresh classification head is "MISSING" from the
   checkpoint by design, and ``balora export`` rebuilds one before it loads the trained head.
 """
@@ -75,3 +79,4 @@ def quiet_transformers() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+

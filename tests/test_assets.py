@@ -376,3 +376,17 @@ def test_privacy_policy_asset_splits_by_clause_and_as_words(cache: Path, dists: 
     assert splits["test"][0]["clause"] in words[0]["query"] and "Answer yes or no." in words[0]["query"]
     load, _run = _REGISTRY["privacy_policy"]
     assert load(EvalOptions(limit=4)) == words[:4]
+
+
+def test_validation_limit_takes_the_first_validation_examples(cache: Path, dists: Path) -> None:
+    from balora.training.run import raw_splits
+    from balora.training.run_config import run_config_from_dict
+
+    assets.fetch(["privacy-policy"], dist_dir=dists, progress=lambda m: None)
+    data = {"source": "asset:privacy-policy", "splits": "privacy-policy", "text_field": "question",
+            "text_pair_field": "clause"}
+    full = raw_splits(run_config_from_dict({"model": {"name": "m", "task": "nlu"}, "data": data}))
+    cut = raw_splits(run_config_from_dict({"model": {"name": "m", "task": "nlu"},
+                                           "data": {**data, "validation_limit": 2}}))
+    assert list(cut["validation"]) == list(full["validation"])[:2] and len(full["validation"]) == 6
+    assert list(cut["train"]) == list(full["train"]) and list(cut["test"]) == list(full["test"])

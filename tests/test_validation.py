@@ -107,6 +107,8 @@ def _refused(capsys, config: Path, run: Path, *overrides: str) -> str:
     ("data.train_limit=-1", "data.train_limit: must be an integer >= 1 (the first N examples), or null for all, "
                             "got -1"),
     ("data.test_limit=0", "data.test_limit: must be an integer >= 1 (the first N examples), or null for all, got 0"),
+    ("data.validation_limit=0",
+     "data.validation_limit: must be an integer >= 1 (the first N examples), or null for all, got 0"),
     ("data.test_fraction=1.5", "data.test_fraction: must be a fraction in [0, 1), got 1.5"),
     ("data.min_label_count=-1", "data.min_label_count: must be an integer >= 0 (0 = no minimum), got -1"),
 ])

@@ -116,6 +116,8 @@ def raw_splits(cfg: RunConfig, info: dict[str, Any] | None = None) -> dict[str, 
         parts["train"] = parts["train"][: d.train_limit]
     if d.test_limit is not None:
         parts["test"] = parts["test"][: d.test_limit]
+    if d.validation_limit is not None and parts.get("validation"):
+        parts["validation"] = parts["validation"][: d.validation_limit]
     balance = balance_splits(parts, d)
     if info is not None:
         info.update(balance)

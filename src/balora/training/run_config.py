@@ -78,6 +78,7 @@ class DataConfig:
     max_length: int = 128
     train_limit: int | None = None
     test_limit: int | None = None
+    validation_limit: int | None = None  # the first N validation examples (NLG validation loss is slow)
     # classification only (balora lab imbalance): subsample the training split (after train_limit)
     # to minority:majority = imbalance_ratio, a number in (0, 1] or "1:9"; seeded by split_seed
     imbalance_ratio: float | str | None = None
@@ -367,7 +368,7 @@ def _check_data(cfg: RunConfig) -> None:
     shortest = 2 if cfg.model.task == "nlg" else 1  # NLG: one prompt token and one response token
     if d.max_length < shortest:
         raise ConfigError(f"data.max_length: must be an integer >= {shortest} (tokens per example), got {d.max_length}")
-    for name in ("train_limit", "test_limit"):
+    for name in ("train_limit", "test_limit", "validation_limit"):
         value = getattr(d, name)
         if value is not None and value < 1:
             raise ConfigError(f"data.{name}: must be an integer >= 1 (the first N examples), or null for all, "

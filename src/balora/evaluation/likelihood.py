@@ -1,4 +1,4 @@
-"""Likelihood-based evaluations of a causal LM: forgetting (held-out cross-entropy), CrowS-Pairs,
+"""Likelihood-based evaluations of a causal LM: forgetting (held-out cross-entropy, PIQA), CrowS-Pairs,
 StereoSet and BBQ.
 
 Everything rests on :func:`continuation_logprobs`: the summed log-probability of a continuation's
@@ -11,6 +11,9 @@ Scoring choices, per benchmark:
 * **Forgetting**: mean per-token cross-entropy (nats, token-weighted over all documents) on the
   first N XSum documents, each cut to its first ``max_tokens`` tokens. The harness reports
   ``forgetting = CE(tuned) - CE(base)``: positive means the tuned model got worse at general text.
+* **PIQA** (a second forgetting probe: general physical commonsense): each solution scored as the
+  continuation " <solution>" of ``"Question: <goal>\nAnswer:"`` (lm-evaluation-harness's prompt);
+  ``accuracy`` by the summed log-probability (its ``acc``), ``accuracy_norm`` by the mean per-token one.
 * **CrowS-Pairs**: the total log-likelihood (sum of token log-probs) of each full sentence, the
   stereotyped one (``mask1``, the data set's "sent_more") against the anti-stereotyped one
   (``mask2``). The original paper scores a masked LM by pseudo-log-likelihood of the unmodified
@@ -169,6 +172,36 @@ def load_xsum_texts(path: str | Path | None = None, limit: int | None = 200) -> 
     rows = read_jsonl(file)
     _require(rows, ["document"], file)
     return [r["document"] for r in rows[:limit]]
+
+
+def load_piqa(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """PIQA rows {goal, sol1, sol2, label: 0 | 1} (default: the ``piqa`` asset)."""
+    file = _default("piqa", path)
+    rows = read_jsonl(file)
+    _require(rows, ["goal", "sol1", "sol2", "label"], file)
+    return rows
+
+
+def piqa_scores(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *,
+                batch_size: int = 8, progress: Progress | None = None) -> dict[str, Any]:
+    """Two-choice accuracy by summed (``accuracy``) and per-token (``accuracy_norm``) log-likelihood."""
+    requests = []
+    for r in rows:
+        context = f"Question: {str(r['goal']).strip()}\nAnswer:"
+        requests += [(context, " " + str(r["sol1"]).strip()), (context, " " + str(r["sol2"]).strip())]
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size, progress)
+    records = []
+    for i, r in enumerate(rows):
+        (lp1, n1), (lp2, n2) = scores[2 * i], scores[2 * i + 1]
+        label = int(r["label"])
+        pred = 0 if lp1 >= lp2 else 1
+        pred_norm = 0 if lp1 / max(n1, 1) >= lp2 / max(n2, 1) else 1
+        records.append({"index": i, "gold": label, "prediction": pred, "correct": pred == label,
+                        "correct_norm": pred_norm == label, "logprobs": [lp1, lp2]})
+    n = len(records)
+    return {"accuracy": sum(x["correct"] for x in records) / n if n else float("nan"),
+            "accuracy_norm": sum(x["correct_norm"] for x in records) / n if n else float("nan"),
+            "questions": n, "records": records}
 
 
 def load_crows_pairs(path: str | Path | None = None) -> list[dict[str, Any]]:

@@ -2,6 +2,6 @@
 torch). The harness (`balora.evaluation.harness`) runs them."""
 
 TASKS = ("gsm8k", "asdiv", "math", "humaneval", "forgetting", "crows_pairs", "stereoset", "bbq", "boolq",
-         "privacy_policy")
+         "privacy_policy", "piqa")
 GENERATIVE = frozenset({"gsm8k", "asdiv", "math", "humaneval"})
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "asdiv": 256, "math": 256, "humaneval": 384}

@@ -14,7 +14,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
   # tensorboard: the 7B preset (configs/nlg-metamath-llama2-7b.yaml) reports to it;
   # lm-eval: the second evaluation backend, tested against our harness on the same items;
-  # quantization: bitsandbytes, whose 4-bit and 8-bit layers the tests train on this CPU
-  .venv/bin/pip install -q -e ".[trl,assets,eval,report,tensorboard,lm-eval,quantization,test]"
+  # quantization: bitsandbytes, whose 4-bit and 8-bit layers the tests train on this CPU;
+  # deepspeed: ZeRO-2 / ZeRO-3, also run by the tests on this CPU
+  .venv/bin/pip install -q -e ".[trl,assets,eval,report,tensorboard,lm-eval,quantization,deepspeed,test]"
   touch "$stamp"
 fi

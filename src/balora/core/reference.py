@@ -94,12 +94,6 @@ class ReferenceSnapshot:
         shard of the full snapshot tensor (cut once, locally: every rank holds the same full snapshot,
         taken before sharding, so ``src_data_rank=None`` needs no communication), else `matching`."""
         params = dict(model.named_parameters())
-        partitioned = [n for n in self.tensors if n in params and is_partitioned(params[n])]
-        if partitioned:
-            raise SnapshotUnavailableError(
-                f"parameter {partitioned[0]!r} is partitioned by DeepSpeed ZeRO-3: the snapshot reference cannot "
-                "be swapped in. Use FSDP2 or DeepSpeed ZeRO-2 instead, or balora.reference: "
-                "teacher with an unpartitioned copy of the pre-trained model")
         if not any(isinstance(params.get(n), DTensor) for n in self.tensors):
             return self.matching(model)
         if self._shards is None:
@@ -183,6 +177,12 @@ def reference_forward(model: nn.Module, snapshot: ReferenceSnapshot, swap: str =
     """``model(**inputs)`` with the snapshot's tensors in place of the trainable ones, in eval mode
     and without building a graph. ``model`` must be the unwrapped model (not DDP); under FSDP2 (swap
     ``"value"``) it must run before the student's forward of the step (see the module docstring)."""
+    partitioned = [n for n, p in model.named_parameters() if p.requires_grad and is_partitioned(p)]
+    if partitioned:  # checked for both swaps: functional_call would hand DeepSpeed tensors it does not manage
+        raise SnapshotUnavailableError(
+            f"parameter {partitioned[0]!r} is partitioned by DeepSpeed ZeRO-3: the snapshot reference cannot be "
+            "swapped in. Use FSDP2 or DeepSpeed ZeRO-2 instead, or balora.reference: teacher with an "
+            "unpartitioned copy of the pre-trained model")
     with eval_mode(model):
         if resolve_swap(model, swap) == "value":
             with swapped_in(model, snapshot):

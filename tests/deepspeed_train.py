@@ -1,0 +1,78 @@
+"""Trains a tiny model with balora's trainer under DeepSpeed ZeRO-2 / ZeRO-3 (two CPU processes, gloo), or
+in one process with the same global batch; used by test_deepspeed.py.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/deepspeed_train.py OUT zero2 ba-lora:nlg,...
+    python tests/deepspeed_train.py OUT single ba-lora:nlg,...
+
+transformers' Trainer takes DeepSpeed on a CPU-only machine, but accelerate then leaves the process group's
+backend unset and counts one process, so the DeepSpeed batch size is filled for a world of 1; an accelerate
+state configured beforehand with ``backend="gloo"`` (``accelerator_config.use_configured_state``) gives it
+the two ranks. Each rank's dataloader takes every other micro-batch of the in-order data, so the
+single-process run with gradient accumulation 2 sees the same micro-batches. Writes
+OUT/{method}-{task}-{mode}.pt (rank 0) and, when the reference is refused, the error.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fsdp_train import MICRO, STEPS, WORLD, InOrder, Rows, base_model, rows  # noqa: E402
+
+from balora import AdapterConfig, BALoraConfig, build_peft_model  # noqa: E402
+
+
+def train(out: str, method: str, task: str, mode: str) -> None:
+    model = build_peft_model(base_model(task), AdapterConfig(method=method, r=4, pissa_niter=2, init_seed=3), task)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    extra = {}
+    if mode != "single":
+        stage = int(mode[-1])
+        # persistence threshold 0: ZeRO-3 partitions even the tiny adapter, as it does a real model's
+        extra["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "train_batch_size": "auto", "gradient_clipping": "auto",
+                              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+        extra["accelerator_config"] = {"use_configured_state": True}
+    args = TrainingArguments(str(Path(out) / f"run-{method}-{task}-{mode}"), per_device_train_batch_size=MICRO,
+                             gradient_accumulation_steps=1 if mode != "single" else WORLD, max_steps=STEPS,
+                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                             disable_tqdm=True, seed=0, use_cpu=mode == "single", **extra)
+    balora = BALoraConfig(task=task, lambda_consistency=1.0) if method == "ba-lora" else None
+    trainer = InOrder(model=model, args=args, train_dataset=Rows(rows(task)), balora_config=balora)
+    name = Path(out) / f"{method}-{task}-{mode}"
+    try:
+        trainer.train()
+    except Exception as error:  # the refusal under ZeRO-3 is the expected outcome there; recorded for the test
+        if trainer.args.process_index == 0:
+            name.with_suffix(".error").write_text(f"{type(error).__name__}: {error}")
+        return
+    adapter = {}
+    for n, p in trainer.model_wrapped.module.named_parameters() if mode != "single" else model.named_parameters():
+        if p.requires_grad:
+            if hasattr(p, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    adapter[n] = p.detach().clone()
+            else:
+                adapter[n] = p.detach().clone()
+    if trainer.args.process_index == 0:
+        torch.save({"adapter": adapter, "initial": initial}, name.with_suffix(".pt"))
+
+
+def main(out: str, mode: str, runs: str) -> None:
+    if mode != "single":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    for run in runs.split(","):
+        method, task = run.split(":")
+        train(out, method, task, mode)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

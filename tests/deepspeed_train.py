@@ -25,7 +25,9 @@ from fsdp_train import MICRO, STEPS, WORLD, InOrder, Rows, base_model, rows  # n
 from balora import AdapterConfig, BALoraConfig, build_peft_model  # noqa: E402
 
 
-def train(out: str, method: str, task: str, mode: str) -> None:
+def train(out: str, method: str, task: str, mode: str, phase: str = "") -> None:
+    """``phase``: "" (train through), "save" (checkpoint every 2 steps, train through: checkpoint-2 stays),
+    "resume" (start a fresh trainer from checkpoint-2 of the "save" run, to the end)."""
     model = build_peft_model(base_model(task), AdapterConfig(method=method, r=4, pissa_niter=2, init_seed=3), task)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     extra = {}
@@ -36,15 +38,17 @@ def train(out: str, method: str, task: str, mode: str) -> None:
                               "train_batch_size": "auto", "gradient_clipping": "auto",
                               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
         extra["accelerator_config"] = {"use_configured_state": True}
-    args = TrainingArguments(str(Path(out) / f"run-{method}-{task}-{mode}"), per_device_train_batch_size=MICRO,
+    run_dir = Path(out) / f"run-{method}-{task}-{mode}{'-save' if phase else ''}"
+    saving = {"save_strategy": "steps", "save_steps": 2} if phase else {"save_strategy": "no"}
+    args = TrainingArguments(str(run_dir), per_device_train_batch_size=MICRO,
                              gradient_accumulation_steps=1 if mode != "single" else WORLD, max_steps=STEPS,
-                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
-                             disable_tqdm=True, seed=0, use_cpu=mode == "single", **extra)
+                             learning_rate=1e-2, logging_steps=1, report_to=[], disable_tqdm=True, seed=0,
+                             use_cpu=mode == "single", **saving, **extra)
     balora = BALoraConfig(task=task, lambda_consistency=1.0) if method == "ba-lora" else None
     trainer = InOrder(model=model, args=args, train_dataset=Rows(rows(task)), balora_config=balora)
-    name = Path(out) / f"{method}-{task}-{mode}"
+    name = Path(out) / f"{method}-{task}-{mode}{'-' + phase if phase else ''}"
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(run_dir / "checkpoint-2") if phase == "resume" else None)
     except Exception as error:  # the refusal under ZeRO-3 is the expected outcome there; recorded for the test
         if trainer.args.process_index == 0:
             name.with_suffix(".error").write_text(f"{type(error).__name__}: {error}")
@@ -63,7 +67,7 @@ def train(out: str, method: str, task: str, mode: str) -> None:
         torch.save({"adapter": adapter, "initial": initial}, name.with_suffix(".pt"))
 
 
-def main(out: str, mode: str, runs: str) -> None:
+def main(out: str, mode: str, runs: str, phase: str = "") -> None:
     if mode != "single":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         from accelerate import PartialState
@@ -71,8 +75,8 @@ def main(out: str, mode: str, runs: str) -> None:
         PartialState(backend="gloo")
     for run in runs.split(","):
         method, task = run.split(":")
-        train(out, method, task, mode)
+        train(out, method, task, mode, phase)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

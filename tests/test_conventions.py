@@ -21,7 +21,8 @@ from balora.training import run as run_module
 from balora.training.quiet import KNOWN_WARNINGS
 from balora.training.run_config import load_run_config, preset_names, preset_path, run_config_from_dict
 
-PRESETS = ["nlg-asdiv-smollm2", "nlg-metamath-llama2-7b", "nlu-boolq-minilm", "nlu-rotten-tomatoes-minilm"]
+PRESETS = ["nlg-asdiv-smollm2", "nlg-metamath-llama2-7b", "nlg-privacy-policy-smollm2", "nlu-boolq-minilm",
+           "nlu-privacy-policy-minilm", "nlu-rotten-tomatoes-minilm"]
 
 
 # ---------------------------------------------------------------- fixtures

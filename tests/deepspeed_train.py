@@ -22,7 +22,8 @@ from transformers import TrainingArguments
 sys.path.insert(0, str(Path(__file__).parent))
 from fsdp_train import MICRO, STEPS, WORLD, InOrder, Rows, base_model, rows  # noqa: E402
 
-from balora import AdapterConfig, BALoraConfig, build_peft_model  # noqa: E402
+from balora import AdapterConfig, BALoraConfig, ReferenceSnapshot, build_peft_model  # noqa: E402
+from balora.core.reference import reference_forward  # noqa: E402
 
 
 def train(out: str, method: str, task: str, mode: str, phase: str = "") -> None:
@@ -63,8 +64,19 @@ def train(out: str, method: str, task: str, mode: str, phase: str = "") -> None:
                     adapter[n] = p.detach().clone()
             else:
                 adapter[n] = p.detach().clone()
+    # The reference after training (every rank takes part: ZeRO-3 gathers), against the pre-trained model.
+    probe = rows(task)[0]
+    inputs = {"input_ids": probe["input_ids"][None], "attention_mask": probe["attention_mask"][None]}
+    trained = trainer.model_wrapped.module if mode != "single" else model
+    reference = reference_forward(trained, ReferenceSnapshot.for_peft_model(model), **inputs).logits
+    with torch.no_grad():
+        trained.eval()
+        student = trained(**inputs).logits
+        pretrained = base_model(task).eval()(**inputs).logits
     if trainer.args.process_index == 0:
-        torch.save({"adapter": adapter, "initial": initial}, name.with_suffix(".pt"))
+        torch.save({"adapter": adapter, "initial": initial, "reference_minus_pretrained":
+                    (reference - pretrained).abs().max().item(),
+                    "student_minus_pretrained": (student - pretrained).abs().max().item()}, name.with_suffix(".pt"))
 
 
 def main(out: str, mode: str, runs: str, phase: str = "") -> None:

@@ -1,7 +1,8 @@
-"""BA-LoRA under DeepSpeed ZeRO-2 and ZeRO-3 (two CPU processes, gloo) through transformers' Trainer: ZeRO-2
-ends with the adapter of one process with the same global batch; ZeRO-3 trains PiSSA (the logit-free path
-falls back to full logits) and refuses BA-LoRA's snapshot reference, naming the alternatives; a checkpoint
-written under either resumes to the adapter of the run that went through."""
+"""BA-LoRA under DeepSpeed ZeRO-2 and ZeRO-3 (two CPU processes, gloo) through transformers' Trainer: each
+ends with the adapter of one process with the same global batch (ZeRO-2 bit for bit; ZeRO-3 to its own
+reduction order, PiSSA alike), the reference after training is the pre-trained model (ZeRO-3: swapped in
+through DeepSpeed's gather), and a checkpoint written under either resumes to the adapter of the run that
+went through."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ pytest.importorskip("deepspeed")
 
 SCRIPT = Path(__file__).parent / "deepspeed_train.py"
 ZERO2 = ["ba-lora:nlg", "ba-lora:nlu", "pissa:nlg"]
+ZERO3 = ["ba-lora:nlg", "ba-lora:nlu", "pissa:nlu"]
 
 
 def _launch(out: Path, mode: str, runs: list[str], phase: str = "") -> None:
@@ -32,11 +34,10 @@ def _launch(out: Path, mode: str, runs: list[str], phase: str = "") -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deepspeed")
-    _launch(out, "single", ZERO2)
-    for run in ZERO2:  # one launch per run: accelerate allows one DeepSpeed plugin per process
-        _launch(out, "zero2", [run])
-    _launch(out, "zero3", ["pissa:nlg"])
-    _launch(out, "zero3", ["ba-lora:nlg"])
+    _launch(out, "single", sorted(set(ZERO2 + ZERO3)))
+    for mode, runs in (("zero2", ZERO2), ("zero3", ZERO3)):
+        for run in runs:  # one launch per run: accelerate allows one DeepSpeed plugin per process
+            _launch(out, mode, [run])
     for mode, run in (("zero2", "ba-lora:nlg"), ("zero3", "pissa:nlg")):  # checkpoint at step 2, resume
         _launch(out, mode, [run], "save")
         _launch(out, mode, [run], "resume")
@@ -57,16 +58,20 @@ def test_zero2_adapter_equals_the_single_process_run(runs: Path, run: str) -> No
         torch.testing.assert_close(zero["adapter"][key], expected, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_zero3_trains_pissa_like_one_process(runs: Path) -> None:
-    single, zero = _adapters(runs, "pissa:nlg", "zero3")
-    for key, expected in single["adapter"].items():  # measured: 2.4e-7 (full logits instead of the fused path)
-        torch.testing.assert_close(zero["adapter"][key], expected, rtol=1e-4, atol=1e-6, msg=key)
+@pytest.mark.parametrize("run", ZERO3)
+def test_zero3_adapter_equals_the_single_process_run(runs: Path, run: str) -> None:
+    single, zero = _adapters(runs, run, "zero3")
+    # measured: 2.4e-7 (NLG) and 3.3e-6 (NLU; PiSSA alone 1.9e-6): ZeRO-3's reduction order, against a
+    # movement of 0.02; the reference itself is checked exactly below
+    for key, expected in single["adapter"].items():
+        torch.testing.assert_close(zero["adapter"][key], expected, rtol=1e-4, atol=2e-5, msg=key)
 
 
-def test_zero3_refuses_ba_loras_snapshot_reference(runs: Path) -> None:
-    error = (runs / "ba-lora-nlg-zero3.error").read_text()
-    assert error.startswith("SnapshotUnavailableError") and "ZeRO-3" in error and "FSDP2" in error
-    assert not (runs / "ba-lora-nlg-zero3.pt").exists()
+@pytest.mark.parametrize("mode, run", [("zero2", r) for r in ZERO2] + [("zero3", r) for r in ZERO3])
+def test_the_reference_after_training_is_the_pretrained_model(runs: Path, mode: str, run: str) -> None:
+    _, zero = _adapters(runs, run, mode)
+    assert zero["reference_minus_pretrained"] < 1e-5  # measured: 1.9e-9 (ZeRO-3, NLU)
+    assert zero["student_minus_pretrained"] > 1e-3  # the student moved: the check is not vacuous
 
 
 @pytest.mark.parametrize("mode, run", [("zero2", "ba-lora:nlg"), ("zero3", "pissa:nlg")])

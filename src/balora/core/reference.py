@@ -21,8 +21,11 @@ Two ways to swap it in (`reference_forward(swap=...)`):
   student's backward still needs. The trainer orders it so. Default when a trainable parameter is a
   `DTensor`.
 
-DeepSpeed ZeRO-3 partitions parameters into placeholders of size 0 outside its own gather context;
-the snapshot reference is refused there with the alternatives named (`SnapshotUnavailableError`).
+* ``"zero3"``: DeepSpeed ZeRO-3 partitions parameters into placeholders of size 0 outside its own gather
+  context; the adapter's parameters are gathered, the snapshot copied in and re-partitioned, and after
+  the forward the trained values are put back the same way (`zero3_swapped_in`). Default when a
+  trainable parameter is managed by ZeRO-3. Any other swap on a partitioned parameter is refused
+  (`SnapshotUnavailableError`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch.func import functional_call
 from balora.core.sharded import full_tensor, is_partitioned
 
 INITIAL_STATE_ATTR = "_balora_initial_state"
-SWAPS = ("auto", "call", "value")
+SWAPS = ("auto", "call", "value", "zero3")
 
 
 class SnapshotUnavailableError(RuntimeError):
@@ -134,13 +137,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def resolve_swap(model: nn.Module, swap: str = "auto") -> str:
-    """``"value"`` when ``swap`` is auto and a trainable parameter is a `DTensor` (FSDP2), else ``"call"``."""
+    """For ``swap="auto"``: ``"zero3"`` when a trainable parameter is managed by DeepSpeed ZeRO-3, ``"value"``
+    when one is a `DTensor` (FSDP2), else ``"call"``. A partitioned parameter with another swap is refused."""
     if swap not in SWAPS:
         raise ValueError(f"swap must be one of {SWAPS}, got {swap!r}")
-    if swap != "auto":
-        return swap
-    sharded = any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
-    return "value" if sharded else "call"
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    zero3 = [n for n, p in trainable if hasattr(p, "ds_id")]
+    if swap == "auto":
+        if zero3:
+            return "zero3"
+        return "value" if any(isinstance(p, DTensor) for _, p in trainable) else "call"
+    partitioned = [n for n, p in trainable if is_partitioned(p)]
+    if partitioned and swap != "zero3":  # functional_call or a copy would meet DeepSpeed's empty placeholders
+        raise SnapshotUnavailableError(
+            f"parameter {partitioned[0]!r} is partitioned by DeepSpeed ZeRO-3: swap={swap!r} cannot put the "
+            "snapshot in; use swap='zero3' (or 'auto')")
+    return swap
 
 
 @contextmanager
@@ -166,6 +178,31 @@ def swapped_in(model: nn.Module, snapshot: ReferenceSnapshot) -> Iterator[None]:
                 t.copy_(saved[n])
 
 
+@contextmanager
+def zero3_swapped_in(model: nn.Module, snapshot: ReferenceSnapshot) -> Iterator[None]:
+    """`swapped_in` for parameters partitioned by DeepSpeed ZeRO-3: the adapter's parameters are gathered
+    (`deepspeed.zero.GatheredParameters`, a collective), the snapshot copied in and re-partitioned; on exit
+    gathered again and the trained values copied back. The optimiser's own fp32 partitions are not touched,
+    and the values written back are the ones read, so the training state is unchanged. Costs two gathers of
+    the adapter (not of the model) per reference pass."""
+    import deepspeed  # only under ZeRO-3, where it is installed
+
+    params = dict(model.named_parameters())
+    names = snapshot.matching_names(params)
+    handles = [params[n] for n in names]
+    with torch.no_grad():
+        with deepspeed.zero.GatheredParameters(handles, modifier_rank=0):
+            saved = {n: params[n].detach().clone() for n in names}
+            for n, tensor in names.items():
+                params[n].data.copy_(tensor.to(device=params[n].device, dtype=params[n].dtype))
+        try:
+            yield
+        finally:
+            with deepspeed.zero.GatheredParameters(handles, modifier_rank=0):
+                for n in names:
+                    params[n].data.copy_(saved[n])
+
+
 def _reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -177,15 +214,10 @@ def reference_forward(model: nn.Module, snapshot: ReferenceSnapshot, swap: str =
     """``model(**inputs)`` with the snapshot's tensors in place of the trainable ones, in eval mode
     and without building a graph. ``model`` must be the unwrapped model (not DDP); under FSDP2 (swap
     ``"value"``) it must run before the student's forward of the step (see the module docstring)."""
-    partitioned = [n for n, p in model.named_parameters() if p.requires_grad and is_partitioned(p)]
-    if partitioned:  # checked for both swaps: functional_call would hand DeepSpeed tensors it does not manage
-        raise SnapshotUnavailableError(
-            f"parameter {partitioned[0]!r} is partitioned by DeepSpeed ZeRO-3: the snapshot reference cannot be "
-            "swapped in. Use FSDP2 or DeepSpeed ZeRO-2 instead, or balora.reference: teacher with an "
-            "unpartitioned copy of the pre-trained model")
     with eval_mode(model):
-        if resolve_swap(model, swap) == "value":
-            with swapped_in(model, snapshot):
+        how = resolve_swap(model, swap)
+        if how in ("value", "zero3"):
+            with (swapped_in if how == "value" else zero3_swapped_in)(model, snapshot):
                 return model(**inputs)
         return functional_call(model, snapshot.matching(model), args=(), kwargs=inputs, strict=False)
 

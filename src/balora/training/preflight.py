@@ -62,24 +62,19 @@ def _check_engine(cfg: RunConfig, env: Mapping[str, str]) -> None:
         raise ConfigError("fsdp_cpu_ram_efficient_loading: true leaves the weights of ranks > 0 on the meta device "
                           "while the adapter is built, so PiSSA's SVD and the step-0 reference would be wrong there; "
                           "set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
-    zero3 = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
-        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    # DeepSpeed ZeRO-3 is served: the snapshot is swapped in through DeepSpeed's own gather
+    # (balora.core.reference.zero3_swapped_in) and the logit-free path falls back to full logits.
+    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if cfg.model.quantize is not None:
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError(f"model.quantize: {cfg.model.quantize}-bit bases need bitsandbytes: "
                               "pip install 'balora[quantization]' (or remove model.quantize)")
-        if fsdp or env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if fsdp or deepspeed:
             raise ConfigError("model.quantize: a quantised base is supported in one process or under DDP only "
                               "(balora's FSDP2 / DeepSpeed paths are not tested with bitsandbytes layers); "
                               "launch with `balora launch-config ddp` or remove model.quantize")
-    balora = cfg.balora_config()
-    if zero3 and balora is not None and balora.lambda_consistency > 0 and balora.reference == "snapshot":
-        raise ConfigError("balora.lambda_consistency: BA-LoRA's snapshot reference cannot be swapped into "
-                          "parameters partitioned by DeepSpeed ZeRO-3; launch with `balora launch-config fsdp2` "
-                          "(sharded parameters) or `zero2`, or set balora.lambda_consistency: 0")
-
 
 # ---------------------------------------------------------------------------- device and precision
 def accelerator() -> str | None:

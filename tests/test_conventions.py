@@ -245,3 +245,18 @@ def test_bitsandbytes_kernel_notice_is_dropped_unless_verbose():
     loud = subprocess.run([sys.executable, "-c", code, "-v"], capture_output=True, text=True, timeout=300)
     if "gemm_4bit_forward" not in loud.stderr:  # bitsandbytes logs it only on CPUs with AVX-512 BF16
         pytest.skip("this CPU does not make bitsandbytes log the notice")
+
+
+def test_deepspeed_cpu_notice_is_dropped_unless_verbose():
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    code = ("import logging, sys; import balora\n"
+            "if len(sys.argv) > 1: logging.getLogger('balora').setLevel(logging.INFO)\n"
+            "import accelerate, deepspeed")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "Setting accelerator to CPU" not in quiet.stderr + quiet.stdout
+    loud = subprocess.run([sys.executable, "-c", code, "-v"], capture_output=True, text=True, timeout=300)
+    if "Setting accelerator to CPU" not in loud.stderr + loud.stdout:  # only printed on a machine without GPU
+        pytest.skip("DeepSpeed found an accelerator here")

@@ -11,15 +11,24 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def _drop_bitsandbytes_kernel_notice(record: logging.LogRecord) -> bool:
-    # bitsandbytes logs, when PEFT or transformers import it on an AVX-512 BF16 CPU, that an optional faster
-    # kernel package is missing (it uses its own). One known record, dropped unless `balora -v`; installed here
-    # because PEFT imports bitsandbytes before any other balora module runs (balora.training.quiet lists it).
-    return logging.getLogger("balora").isEnabledFor(logging.INFO) or not str(record.msg).startswith(
-        "Failed to load CPU gemm_4bit_forward from kernels-community")
+# Two known records that optional packages log while PEFT / transformers / accelerate import them, dropped
+# unless `balora -v` (balora.training.quiet lists them); installed here, before anything imports those
+# packages: bitsandbytes on an AVX-512 BF16 CPU (an optional faster kernel package is missing; it uses its
+# own), and DeepSpeed on a machine without a GPU (it detects the CPU and says so).
+_KNOWN_RECORDS = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "DeepSpeed": "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+}
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bitsandbytes_kernel_notice)
+def _known_record_filter(prefix: str) -> Any:
+    def keep(record: logging.LogRecord) -> bool:
+        return logging.getLogger("balora").isEnabledFor(logging.INFO) or not str(record.msg).startswith(prefix)
+    return keep
+
+
+for _name, _prefix in _KNOWN_RECORDS.items():
+    logging.getLogger(_name).addFilter(_known_record_filter(_prefix))
 
 _EXPORTS = {
     "AdapterConfig": "core.config",

@@ -16,8 +16,9 @@ warning of balora itself, is shown as usual:
   modified`` (PEFT, saving an adapter whose base is a hub id, offline): balora never resizes the vocabulary.
 * ``Failed to load CPU gemm_4bit_forward from kernels-community`` (bitsandbytes' logger, whenever
   transformers imports it on a CPU with AVX-512 BF16): an optional faster kernel package is not installed;
-  bitsandbytes uses its own. PEFT imports bitsandbytes when it is installed, so the filter that drops this one
-  record is installed by ``import balora`` itself (``balora/__init__.py``), before anything imports PEFT.
+  bitsandbytes uses its own; and DeepSpeed's ``Setting accelerator to CPU ...`` on a machine without a GPU.
+  PEFT and accelerate import these packages when they are installed, so the filters that drop these two
+  records are installed by ``import balora`` itself (``balora/__init__.py``), before anything imports them.
 * transformers' load report (a logger warning): a fresh classification head is "MISSING" from the
   checkpoint by design, and ``balora export`` rebuilds one before it loads the trained head.
 """

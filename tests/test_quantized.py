@@ -84,3 +84,33 @@ def test_ba_lora_trains_on_a_4bit_base_and_converts(pre, tmp_path):
     save_converted_lora(model, tmp_path / "lora_converted")
     converted = PeftModel.from_pretrained(copy.deepcopy(pre), str(tmp_path / "lora_converted"))
     assert converted.peft_config["default"].r == 16  # PEFT's PiSSA -> LoRA conversion: rank 2r
+
+
+def test_balora_train_with_a_4bit_base_writes_loadable_artefacts(pre, tmp_path):
+    """`balora train` with model.quantize: 4, end to end: QPiSSA trains, adapter/ and lora_converted/ load
+    on the untouched full-precision base."""
+    import json
+
+    import yaml
+    from conftest import make_word_tokenizer
+    from peft import PeftModel
+
+    from balora.cli import main
+
+    model_dir = tmp_path / "tiny-llama-128"
+    pre.save_pretrained(model_dir)
+    make_word_tokenizer().save_pretrained(model_dir)
+    rows = [{"question": f"w{i % 30 + 3} w{(i * 3) % 30 + 3}", "answer": f"w{i % 30 + 40}"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "method": "ba-lora", "output_dir": str(tmp_path / "run"),
+        "model": {"name": str(model_dir), "task": "nlg", "quantize": 4}, "adapter": {"r": 4},
+        "data": {"source": str(tmp_path / "train.jsonl"), "query_field": "question", "response_field": "answer",
+                 "template": "plain", "max_length": 16},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True},
+    }))
+    assert main(["train", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2
+    converted = PeftModel.from_pretrained(copy.deepcopy(pre), str(tmp_path / "run" / "lora_converted"))
+    assert converted.peft_config["default"].r == 8  # PiSSA -> LoRA conversion: rank 2r

@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,10 @@ def load_trained(base_model: nn.Module, adapter_dir: str | Path, is_trainable: b
     meta_path = adapter_dir / METADATA_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     devices = [torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        if not logging.getLogger("balora").isEnabledFor(logging.INFO):  # -v shows it
+            # PEFT reads transformers 5's deprecated alias while wrapping (as in build_peft_model): nothing to do
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
         torch.manual_seed(int(meta.get("init_seed", 0)))
         return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)

@@ -75,3 +75,19 @@ def make_word_tokenizer(vocab: int = VOCAB):
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def launch(script, args: list[str], processes: int = 1, port_base: int = 29_500) -> None:
+    """Run a test script in a subprocess (one thread each), under `torch.distributed.run` with ``processes``
+    ranks when more than one; fails the test with the end of its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(script), *args]
+    if processes > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(port_base + os.getpid() % 200), *cmd[1:]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]

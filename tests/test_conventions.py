@@ -232,31 +232,20 @@ def test_a_tiny_run_is_quiet_by_default_and_not_with_v(tiny_config, tmp_path, ca
     logging.getLogger("balora").setLevel(logging.NOTSET)
 
 
-def test_bitsandbytes_kernel_notice_is_dropped_unless_verbose():
+@pytest.mark.parametrize("package, imports, notice, absent", [
+    ("bitsandbytes", "peft, bitsandbytes", "gemm_4bit_forward", "bitsandbytes logs it only on AVX-512 BF16 CPUs"),
+    ("deepspeed", "accelerate, deepspeed", "Setting accelerator to CPU", "DeepSpeed found an accelerator here"),
+])
+def test_a_package_notice_on_import_is_dropped_unless_verbose(package, imports, notice, absent):
     import subprocess
     import sys
 
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip(package)
     code = ("import logging, sys; import balora\n"
             "if len(sys.argv) > 1: logging.getLogger('balora').setLevel(logging.INFO)\n"
-            "import peft, bitsandbytes")
+            f"import {imports}")
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert quiet.returncode == 0 and "gemm_4bit_forward" not in quiet.stderr + quiet.stdout
+    assert quiet.returncode == 0 and notice not in quiet.stderr + quiet.stdout
     loud = subprocess.run([sys.executable, "-c", code, "-v"], capture_output=True, text=True, timeout=300)
-    if "gemm_4bit_forward" not in loud.stderr:  # bitsandbytes logs it only on CPUs with AVX-512 BF16
-        pytest.skip("this CPU does not make bitsandbytes log the notice")
-
-
-def test_deepspeed_cpu_notice_is_dropped_unless_verbose():
-    import subprocess
-    import sys
-
-    pytest.importorskip("deepspeed")
-    code = ("import logging, sys; import balora\n"
-            "if len(sys.argv) > 1: logging.getLogger('balora').setLevel(logging.INFO)\n"
-            "import accelerate, deepspeed")
-    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert quiet.returncode == 0 and "Setting accelerator to CPU" not in quiet.stderr + quiet.stdout
-    loud = subprocess.run([sys.executable, "-c", code, "-v"], capture_output=True, text=True, timeout=300)
-    if "Setting accelerator to CPU" not in loud.stderr + loud.stdout:  # only printed on a machine without GPU
-        pytest.skip("DeepSpeed found an accelerator here")
+    if notice not in loud.stderr + loud.stdout:  # nothing to drop on this machine: the check above proves nothing
+        pytest.skip(absent)

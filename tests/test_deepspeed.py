@@ -6,13 +6,11 @@ went through."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch
 
 pytest.importorskip("deepspeed")
 
@@ -22,13 +20,8 @@ ZERO3 = ["ba-lora:nlg", "ba-lora:nlu", "pissa:nlu"]
 
 
 def _launch(out: Path, mode: str, runs: list[str], phase: str = "") -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(SCRIPT), str(out), mode, ",".join(runs)] + ([phase] if phase else [])
-    if mode != "single":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29_500 + os.getpid() % 200)] + cmd[1:]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch(SCRIPT, [str(out), mode, ",".join(runs)] + ([phase] if phase else []),
+           processes=1 if mode == "single" else 2)
 
 
 @pytest.fixture(scope="module")

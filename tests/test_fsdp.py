@@ -5,26 +5,18 @@ value on each rank's shard there (`balora.core.reference.swapped_in`), through `
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch
 
 SCRIPT = Path(__file__).parent / "fsdp_train.py"
 RUNS = [f"{m}:{t}" for m in ("lora", "pissa", "ba-lora") for t in ("nlg", "nlu")]
 
 
 def _launch(out: Path, mode: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(SCRIPT), str(out), mode, ",".join(RUNS)]
-    if mode == "fsdp":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29_700 + os.getpid() % 200)] + cmd[1:]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch(SCRIPT, [str(out), mode, ",".join(RUNS)], processes=2 if mode == "fsdp" else 1, port_base=29_700)
 
 
 @pytest.fixture(scope="module")

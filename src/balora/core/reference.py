@@ -83,10 +83,7 @@ class ReferenceSnapshot:
     def matching(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The snapshot on the device and dtype of ``model``'s parameters (moved once, then reused)."""
         params = dict(model.named_parameters())
-        missing = [n for n in self.tensors if n not in params]
-        if missing:
-            raise KeyError(f"reference snapshot names {missing[:3]}... are not parameters of {type(model).__name__}")
-        for name, tensor in self.tensors.items():
+        for name, tensor in self.matching_names(params).items():
             p = params[name]
             if tensor.device != p.device or tensor.dtype != p.dtype:
                 self.tensors[name] = tensor.to(device=p.device, dtype=p.dtype)

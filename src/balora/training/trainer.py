@@ -345,11 +345,11 @@ class BALoraTrainerMixin:
                 return None, None
         weight, bias, factor = self._fused
         light = {"output_hidden_states": -1, "logits_to_keep": 1}
-        online_reference = cfg is not None and cfg.lambda_consistency > 0 and not (
-            self._cache is not None and example_index is not None)
+        consistency = cfg is not None and cfg.lambda_consistency > 0
+        cached = consistency and self._cache is not None and example_index is not None
         # The reference before the student (FSDP2 reuses the forward's buffers; see balora.core.reference).
         ref_hidden = (self._reference_outputs(model, {**model_inputs, **light}).hidden_states[-1]
-                      if online_reference else None)
+                      if consistency and not cached else None)
         outputs = model(**model_inputs, **light)
         hidden = outputs.hidden_states[-1] if outputs.hidden_states is not None else None
         if not self._fused_checked:
@@ -361,17 +361,16 @@ class BALoraTrainerMixin:
                                "output layer; computing the loss from full logits")
                 self._fused = None
                 return outputs, None
-        if cfg is not None and cfg.lambda_consistency > 0:
-            if self._cache is not None and example_index is not None:
-                # the weights are known before the pass, so task, consistency and diversity share one
-                # gradient product per chunk: PiSSA's cost (docs/design/reference-cache.md)
-                u, s = self._cache.nlg_entries(example_index.tolist())
-                _, denom, weight_ = self._normalisers(valid_positions(labels).sum(), num_items_in_batch)
-                lam1, lam2, _ = cfg.lambdas_at(self.state.global_step, self.state.max_steps)
-                terms = nlg_cached_terms_from_hidden(
-                    hidden, labels, weight, bias, cfg, (u, s), 1.0 / denom, lam1 * weight_, lam2 * weight_,
-                    chunk_size=self.loss_chunk_size, svd_factor=factor)
-                return outputs, terms
+        if cached:
+            # the weights are known before the pass, so task, consistency and diversity share one
+            # gradient product per chunk: PiSSA's cost (docs/design/reference-cache.md)
+            u, s = self._cache.nlg_entries(example_index.tolist())
+            _, denom, weight_ = self._normalisers(valid_positions(labels).sum(), num_items_in_batch)
+            lam1, lam2, _ = cfg.lambdas_at(self.state.global_step, self.state.max_steps)
+            terms = nlg_cached_terms_from_hidden(
+                hidden, labels, weight, bias, cfg, (u, s), 1.0 / denom, lam1 * weight_, lam2 * weight_,
+                chunk_size=self.loss_chunk_size, svd_factor=factor)
+            return outputs, terms
         terms = nlg_terms_from_hidden(hidden, labels, weight, bias, cfg, ref_hidden,
                                       chunk_size=self.loss_chunk_size, svd_factor=factor)
         return outputs, terms

@@ -77,14 +77,15 @@ def make_word_tokenizer(vocab: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def launch(script, args: list[str], processes: int = 1, port_base: int = 29_500) -> None:
-    """Run a test script in a subprocess (one thread each), under `torch.distributed.run` with ``processes``
-    ranks when more than one; fails the test with the end of its stderr."""
+def launch(script, args: list[str], processes: int = 1, port_base: int = 29_500, env: dict | None = None) -> None:
+    """Run a test script in a subprocess (one thread each, ``env`` added to the environment), under
+    `torch.distributed.run` with ``processes`` ranks when more than one; fails the test with the end of its
+    stderr."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     cmd = [sys.executable, str(script), *args]
     if processes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except EvalError as error:
             raise ConfigError(f"eval.tasks: {error}") from None
     metrics = train_run(cfg, resume=args.resume, force=args.force, show_progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun rank 0 reports and evaluates
+        return 0
     print(compact_json({k: metrics[k] for k in ("method", "global_step", "train_seconds", "validation", "test")
                         if k in metrics}))
     print(f"artefacts: {Path(cfg.output_dir).resolve()}")

@@ -36,3 +36,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def layers_to_wrap_without_embeddings(model: nn.Module, names: list[str] | None) -> list[str] | None:
+    """The layer classes accelerate's FSDP2 ``TRANSFORMER_BASED_WRAP`` should shard for ``model``: ``names``
+    (the plugin's list; the model's ``_no_split_modules`` when None) without those that contain the input
+    embeddings, or None when none does (nothing to change).
+
+    accelerate 1.16 shards every listed module and then the input embeddings as a unit of their own; when
+    the embeddings sit inside a listed module (BERT's ``BertEmbeddings``) the second ``fully_shard`` meets
+    a parameter that is already a DTensor and fails deep inside torch. The embeddings keep their own unit."""
+    names = list(names) if names is not None else list(getattr(model, "_no_split_modules", None) or [])
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        return None
+    owners = {type(m).__name__ for m in model.modules()
+              if type(m).__name__ in names and m is not embeddings and any(c is embeddings for c in m.modules())}
+    return [n for n in names if n not in owners] if owners else None

@@ -29,8 +29,11 @@ from balora.core.export import save_initial_adapter
 from balora.core.reference import ReferenceSnapshot
 
 BITS = (4, 8)
-# Classification heads stay in full precision (a fresh head is trained in full: modules_to_save).
-SKIP_MODULES = ["classifier", "score"]
+# Classification heads stay in full precision (a fresh head is trained in full: modules_to_save), and so
+# does the output layer, as transformers does by default (an explicit list replaces its default): a tied
+# lm_head (SmolLM2) would otherwise become a 4-bit layer whose weight is still the embeddings' (bitsandbytes
+# then fails its shape assertion), and the logit-free NLG path reads that weight directly.
+SKIP_MODULES = ["classifier", "score", "lm_head"]
 
 
 def bnb_config(bits: int, compute_dtype: torch.dtype = torch.float32) -> Any:

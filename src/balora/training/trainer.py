@@ -26,7 +26,7 @@ from balora.core.losses import MicroBatchTerms, nlg_terms, nlu_svd_is_degenerate
 from balora.core.reference import ReferenceSnapshot, reference_forward, teacher_forward
 from balora.core.reference_cache import nlu_reference_logits
 from balora.core.regularizers import valid_positions
-from balora.core.sharded import full_tensor, is_partitioned
+from balora.core.sharded import full_tensor, is_partitioned, layers_to_wrap_without_embeddings
 from balora.training.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,8 @@ class BALoraTrainerMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            self._avoid_sharding_embeddings_twice(self.accelerator.state.fsdp_plugin)
         self.divergence_factor = divergence_factor
         self._logged_losses: list[float] = []
         self._healthy_step = 0  # the last step whose logged loss was healthy (finite, not diverged)
@@ -180,6 +182,28 @@ class BALoraTrainerMixin:
         elif balora_config.lambda_consistency > 0:
             self._snapshot = ReferenceSnapshot.for_peft_model(self.accelerator.unwrap_model(self.model))
         self._cache = self._usable_cache(reference_cache)
+
+    def _avoid_sharding_embeddings_twice(self, plugin: Any) -> None:
+        """Under FSDP2 with TRANSFORMER_BASED_WRAP, leave out of the wrapped classes those that hold the input
+        embeddings (BERT's BertEmbeddings): accelerate would shard them, then the embeddings again, and crash
+        (`balora.core.sharded.layers_to_wrap_without_embeddings`)."""
+        import functools
+
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        policy = plugin.auto_wrap_policy
+        policy = policy.func if isinstance(policy, functools.partial) else policy
+        if plugin.fsdp_version != 2 or policy is not transformer_auto_wrap_policy:
+            return
+        names = layers_to_wrap_without_embeddings(self.accelerator.unwrap_model(self.model),
+                                                   plugin.transformer_cls_names_to_wrap)
+        if names is not None and self.is_world_process_zero():
+            logger.warning("FSDP2: wrapping %s only (accelerate 1.16 would shard the module holding the input "
+                           "embeddings and then the embeddings again, and fail); set "
+                           "fsdp_transformer_layer_cls_to_wrap: %s in the accelerate config to silence this",
+                           names, ",".join(names))
+        if names is not None:
+            plugin.transformer_cls_names_to_wrap = names
 
     def _usable_cache(self, store: Any) -> Any:
         """The reference cache when it applies, else None (with the reason logged)."""

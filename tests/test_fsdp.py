@@ -128,7 +128,7 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         config = {"method": "ba-lora", "output_dir": str(tmp / f"run-{name}"),
                   "model": {"name": str(tmp / "tiny-bert"), "task": "nlu"}, "adapter": {"r": 4, "dropout": 0.0},
                   "data": {"source": str(tmp / "data.jsonl"), "test_fraction": 0.2, "max_length": 16},
-                  "balora": {"lambda_consistency": 1.0}, "training": training}
+                  "balora": {"lambda_consistency": 1.0}, "training": training, "save_merged": True}
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config))
     launch(CLI, [str(tmp / "single.yaml")], port_base=29_700)
     launch(CLI, [str(tmp / "fsdp.yaml")], processes=2, port_base=29_700)
@@ -141,8 +141,9 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("run", ["fsdp", "killed"])
 def test_balora_train_under_fsdp2_writes_the_single_process_artefacts(cli_runs: Path, run: str) -> None:
-    """adapter/ and lora_converted/ of `balora train` under FSDP2 (straight through; killed after checkpoint-2
-    and resumed) equal the single-process run's: measured bit-identical here."""
+    """adapter/, lora_converted/ and merged/ of `balora train` under FSDP2 (straight through; killed after
+    checkpoint-2 and resumed) equal the single-process run's: measured bit-identical here (merged/ within
+    float rounding: PEFT merges on a reloaded copy there, in place here)."""
     import json
 
     from safetensors.torch import load_file
@@ -153,6 +154,11 @@ def test_balora_train_under_fsdp2_writes_the_single_process_artefacts(cli_runs: 
         assert single.keys() == sharded.keys() and single, artefact
         for key, expected in single.items():
             torch.testing.assert_close(sharded[key], expected, rtol=1e-5, atol=1e-6, msg=f"{artefact}: {key}")
+    single = load_file(cli_runs / "run-single" / "merged" / "model.safetensors")
+    sharded = load_file(cli_runs / f"run-{run}" / "merged" / "model.safetensors")
+    assert single.keys() == sharded.keys() and single
+    for key, expected in single.items():
+        torch.testing.assert_close(sharded[key], expected, rtol=1e-5, atol=1e-6, msg=f"merged: {key}")
     metrics = json.loads((cli_runs / f"run-{run}" / "metrics.json").read_text())
     single = json.loads((cli_runs / "run-single" / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and metrics["test"]["n"] == single["test"]["n"]

@@ -38,15 +38,16 @@ def documents(n: int, seq: int, tokenizer) -> dict[str, torch.Tensor]:
 def compare(full, quantized, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """|Δlogit|, cross-entropy and KL(full ‖ quantized) over the valid positions of ``batch``."""
     mask = batch["attention_mask"].bool()
-    a = full(**batch).logits.float()[mask]
-    b = quantized(**batch).logits.float()[mask]
-    targets = batch["input_ids"][:, 1:][mask[:, 1:]]
-    keep = mask[:, :-1][mask]  # positions with a next token
-    log_a, log_b = a.log_softmax(-1), b.log_softmax(-1)
+    full_logits, quant_logits = full(**batch).logits.float(), quantized(**batch).logits.float()
+    a, b = full_logits[mask], quant_logits[mask]
+    # next-token loss: position t predicts token t + 1, both real tokens
+    pairs = mask[:, :-1] & mask[:, 1:]
+    targets = batch["input_ids"][:, 1:][pairs][:, None]
+    log_a, log_b = full_logits[:, :-1][pairs].log_softmax(-1), quant_logits[:, :-1][pairs].log_softmax(-1)
     return {"mean_abs_dlogit": (a - b).abs().mean().item(), "max_abs_dlogit": (a - b).abs().max().item(),
             "logit_scale": a.abs().mean().item(),
-            "ce_full": -log_a[keep].gather(-1, targets[:, None]).mean().item(),
-            "ce_quantized": -log_b[keep].gather(-1, targets[:, None]).mean().item(),
+            "ce_full": -log_a.gather(-1, targets).mean().item(),
+            "ce_quantized": -log_b.gather(-1, targets).mean().item(),
             "kl_full_to_quantized": (log_a.exp() * (log_a - log_b)).sum(-1).mean().item()}
 
 

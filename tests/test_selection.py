@@ -177,3 +177,44 @@ def test_a_search_value_is_checked_before_anything_runs(tmp_path, tiny_assets): 
         "metric": "validation.accuracy", "search": {"all": {"adapter.r": [2, -1]}}}))
     with pytest.raises(ConfigError, match=r"selection cell .*adapter.r=-1.*adapter.r: must be an integer >= 1"):
         search_cells(spec)
+
+
+# ---------------------------------------------------------------- per_method
+def test_per_method_options_reach_that_methods_cells_only(tmp_path, tiny_assets):  # noqa: F811
+    """per_method: each method's own setting (e.g. the rate selected in another comparison), applied after
+    the grid values; the other methods keep the base's."""
+    from balora.experiments.grid import build_cells
+
+    path = write_spec(tmp_path, tiny_assets, per_method={"ba-lora": {"training.learning_rate": 3e-3, "adapter.r": 4}})
+    data = yaml.safe_load(path.read_text())
+    del data["selection"]
+    path.write_text(yaml.safe_dump(data))
+    spec = load_spec(path)
+    cells = build_cells(spec)
+    assert {(c.config.method, c.config.training["learning_rate"], c.config.adapter.r) for c in cells} == \
+        {("lora", 1e-2, 2), ("ba-lora", 3e-3, 4)}
+    assert spec.to_dict()["per_method"] == {"ba-lora": {"training.learning_rate": 3e-3, "adapter.r": 4}}
+
+
+def test_per_method_and_the_search_of_selection_combine(tmp_path, tiny_assets):  # noqa: F811
+    from balora.experiments.grid import resolve_cell
+
+    spec = load_spec(write_spec(tmp_path, tiny_assets, per_method={"lora": {"adapter.r": 4}}))
+    searched = search_cells(spec)
+    assert searched and all(c.config.adapter.r == (4 if c.config.method == "lora" else 2) for c in searched)
+    cfg = resolve_cell(spec, {**spec.base, "method": "lora"}, {"method": "lora"}, tmp_path / "c")
+    assert cfg.adapter.r == 4
+
+
+@pytest.mark.parametrize(("per_method", "message"), [
+    ({"ba-lora": {"training.learning_rate": 3e-3}}, "per_method.ba-lora.training.learning_rate: also searched"),
+    ({"lora": {"training.learning_rate": 3e-3}}, "per_method.lora.training.learning_rate: also searched"),  # via all
+    ({"dora": {"adapter.r": 4}}, "per_method.dora: no cell trains method 'dora'"),
+    ({"lora": {"method": "pissa"}}, "per_method.lora.method: not allowed"),
+    ({"lora": {}}, "per_method.lora: expected a mapping"),
+])
+def test_per_method_errors_name_the_key(tmp_path, tiny_assets, per_method, message):  # noqa: F811
+    from balora.experiments.grid import build_cells
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        build_cells(load_spec(write_spec(tmp_path, tiny_assets, per_method=per_method)))

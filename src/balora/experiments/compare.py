@@ -16,6 +16,9 @@ SPEC format
     overrides: [training.max_steps=150]            # KEY=VALUE, applied to every cell before the grid
     metrics: [test.accuracy, test.mcc]             # summary columns; default: every number in `test`
     lower_is_better: [forgetting]                  # default: loss, perplexity, cross_entropy, forgetting, *_seconds
+    per_method:                                    # optional: options for one method's cells, after the
+      lora: {training.learning_rate: 1e-3}         #   grid values (e.g. the rate selected in another spec)
+      pissa: {training.learning_rate: 5e-4}
     variants:                                      # optional: named sets of options, one grid axis
       cr-only: {balora.lambda_diversity: 0, balora.lambda_svd: 0}
       dr-only: {balora.lambda_consistency: 0, balora.lambda_svd: 0}

@@ -113,7 +113,8 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _resolve(raw: dict[str, Any], values: dict[str, Any], run_dir: Path,
-             variants: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+             variants: dict[str, dict[str, Any]] | None = None,
+             per_method: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     data = copy.deepcopy(raw)
     for key, value in values.items():
         if key == VARIANT_KEY and variants is not None:
@@ -121,6 +122,8 @@ def _resolve(raw: dict[str, Any], values: dict[str, Any], run_dir: Path,
                 _set(data, path, option)
         else:
             _set(data, key, value)
+    for path, option in (per_method or {}).get(data.get("method"), {}).items():  # after the method is known
+        _set(data, path, coerce_numbers(option))
     data["output_dir"] = str(run_dir)
     return run_config_from_dict(data)
 
@@ -148,7 +151,7 @@ def resolve_cell(spec: CompareSpec, raw: dict[str, Any], values: dict[str, Any],
                  extra: dict[str, Any] | None = None) -> RunConfig:
     """A cell's configuration: base → overrides → variant → grid values → ``extra`` (a selected value)."""
     _, variants = expanded_grid(spec)
-    return _resolve(raw, {**values, **(extra or {})}, cell_dir / "run", variants)
+    return _resolve(raw, {**values, **(extra or {})}, cell_dir / "run", variants, spec.per_method)
 
 
 def build_cells(spec: CompareSpec, choices: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
@@ -177,10 +180,14 @@ def build_cells(spec: CompareSpec, choices: dict[str, dict[str, Any]] | None = N
         cell_dir = spec.output_dir / "cells" / cid
         choice = (choices or {}).get(group_label(values), {})
         try:
-            cfg = _resolve(raw, {**values, **choice}, cell_dir / "run", variants)
+            cfg = _resolve(raw, {**values, **choice}, cell_dir / "run", variants, spec.per_method)
         except ConfigError as error:
             raise ConfigError(f"{spec.source}: cell {cid}: {error}") from None
         cells.append(Cell(cid, values, group_label(values), cfg, cell_dir, reference_cache_root(spec)))
+    unused = sorted(set(spec.per_method) - {c.config.method for c in cells})
+    if unused:
+        raise ConfigError(f"{spec.source}: per_method.{unused[0]}: no cell trains method {unused[0]!r}; "
+                          f"the cells' methods: {', '.join(sorted({c.config.method for c in cells}))}")
     _check_eval_tasks(cells, spec.source)
     paired_groups(spec, cells)  # a pair naming no group fails here, before anything runs
     return cells

@@ -21,7 +21,7 @@ __all__ = ["CompareSpec", "Fields", "LabSpec", "load_lab_spec", "load_spec", "re
 
 Kind = type | tuple[type, ...]
 
-SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "variants", "overrides", "metrics",
+SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "variants", "per_method", "overrides", "metrics",
              "lower_is_better", "selection", "paired")
 LAB_KEYS = ("experiment", "name", "output_dir", "paper")  # every lab spec may set these
 VARIANT_KEY = "variant"
@@ -224,6 +224,7 @@ class CompareSpec:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     selection: SelectionSpec | None = None
     paired: PairedSpec = field(default_factory=PairedSpec)
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def lower_better(self, metric: str) -> bool:
         """Whether a lower value of ``metric`` is better (an entry equal to it or ending it)."""
@@ -234,6 +235,7 @@ class CompareSpec:
         return {"name": self.name, "output_dir": str(self.output_dir), "grid": self.grid,
                 "variants": self.variants, "overrides": self.overrides, "metrics": self.metrics,
                 "lower_is_better": self.lower_is_better, "base_config": self.base, "source": self.source,
+                **({"per_method": self.per_method} if self.per_method else {}),
                 **({"selection": self.selection.to_dict()} if self.selection else {}),
                 "paired": self.paired.to_dict()}
 
@@ -293,6 +295,27 @@ def _variants(spec: Fields, grid: dict[str, list[Any]]) -> dict[str, dict[str, A
     return {str(k): dict(v) for k, v in variants.items()}
 
 
+def _per_method(spec: Fields, selection: SelectionSpec | None) -> dict[str, dict[str, Any]]:
+    """``per_method``: method -> {key.path: value}, applied to that method's cells after the grid values
+    (e.g. each method's learning rate selected in another comparison). A key that selection searches for
+    the same method would be overwritten by the search's candidates: refused."""
+    block = spec.data.get("per_method") or {}
+    if not isinstance(block, dict):
+        raise spec.error("per_method", "expected a mapping of method -> {key.path: value}")
+    parsed: dict[str, dict[str, Any]] = {}
+    for method, options in block.items():
+        if not isinstance(options, dict) or not options:
+            raise spec.error(f"per_method.{method}", f"expected a mapping of key.path: value, got {options!r}")
+        for key in options:
+            if key in ("output_dir", "method", "training.seed"):
+                raise spec.error(f"per_method.{method}.{key}", "not allowed (set by the grid or by compare)")
+            if selection is not None and key in selection.space(str(method)):
+                raise spec.error(f"per_method.{method}.{key}", "also searched by selection for this method; "
+                                                                "set it in one place")
+        parsed[str(method)] = dict(options)
+    return parsed
+
+
 def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<spec>",
                    default_name: str = "compare") -> CompareSpec:
     """Check a spec mapping (unknown keys, types, the base config) and return a `CompareSpec`."""
@@ -313,10 +336,12 @@ def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<s
     output_dir = data.get("output_dir", f"runs/compare-{name}")
     if not isinstance(output_dir, str) or not output_dir:
         raise spec.error("output_dir", f"expected a path, got {output_dir!r}")
+    selection = _selection(spec, grid)
     return CompareSpec(name=name, base=base, output_dir=Path(output_dir), grid=grid, overrides=overrides,
                        metrics=spec.list_of("metrics", str, [], nonempty=False),
                        lower_is_better=spec.list_of("lower_is_better", str, DEFAULT_LOWER_IS_BETTER, nonempty=False),
-                       source=source, variants=variants, selection=_selection(spec, grid), paired=_paired(spec))
+                       source=source, variants=variants, selection=selection, paired=_paired(spec),
+                       per_method=_per_method(spec, selection))
 
 
 def load_spec(path: str | Path) -> CompareSpec:

@@ -46,7 +46,7 @@ from balora.training.data import parse_ratio
 from balora.utils import now_iso, write_json, write_text_atomic
 
 KEYS = ("ratios", "methods", "seeds", "tasks")
-TASK_KEYS = ("base", "base_config", "overrides", "grid")
+TASK_KEYS = ("base", "base_config", "overrides", "grid", "per_method")
 METRICS = {"minority_recall": "minority recall", "macro_f1": "macro-F1", "accuracy": "accuracy"}
 RATIO_KEY = "data.imbalance_ratio"
 

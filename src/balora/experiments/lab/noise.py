@@ -76,7 +76,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {"steps": 100, "learning_rate": 5e-5, "batch
 PRETRAIN_KINDS: dict[str, Any] = {"steps": int, "learning_rate": (int, float), "batch_size": int,
                                   "max_length": int, "seed": int, "noise_seed": int, "weight_decay": (int, float),
                                   "warmup_steps": int, "examples": int, "log_every": int}
-DOWNSTREAM_KEYS = ("base", "base_config", "overrides", "grid")
+DOWNSTREAM_KEYS = ("base", "base_config", "overrides", "grid", "per_method")
 
 
 def _write_if_changed(path: Path, rows: list[dict]) -> None:

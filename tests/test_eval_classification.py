@@ -25,6 +25,45 @@ def test_binary_case_by_hand():
     assert m["labels"] == [0, 1] and m["n"] == 8
 
 
+def _pairwise_auc(positive: list[float], negative: list[float]) -> float:
+    """The plain definition: P(score of a positive > score of a negative), ties counting one half."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def test_balanced_accuracy_and_binary_auroc_against_their_definitions():
+    y_true = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    logits = [[0.1, 0.9], [0.4, 0.2], [0.0, 0.3], [0.9, 0.1], [0.2, 0.2], [0.3, 0.5], [0.8, 0.0], [0.6, 0.1],
+              [0.5, 0.4], [0.7, 0.7]]
+    y_pred = [int(b > a) for a, b in logits]
+    m = classification_metrics(y_true, y_pred, scores=logits)
+    margin = [b - a for a, b in logits]
+    assert m["auroc"] == pytest.approx(_pairwise_auc([margin[i] for i in range(3)], [margin[i] for i in range(3, 10)]))
+    recall = m["per_class_recall"]
+    assert m["balanced_accuracy"] == pytest.approx((recall[0] + recall[1]) / 2)
+    assert m["balanced_accuracy"] != pytest.approx(m["accuracy"])  # imbalanced: the two differ
+    assert "auroc" not in classification_metrics(y_true, y_pred)  # no scores, no AUROC
+
+
+def test_multiclass_auroc_is_the_one_vs_rest_mean_and_undefined_without_a_class():
+    import numpy as np
+
+    y_true = ["a", "b", "c", "a", "b", "c", "a"]
+    logits = [[2.0, 0.1, 0.3], [0.2, 1.0, 0.5], [0.1, 0.9, 0.8], [0.5, 0.6, 0.1], [1.1, 1.0, 0.0],
+              [0.0, 0.2, 2.0], [0.3, 0.2, 0.1]]
+    probs = np.exp(np.array(logits)) / np.exp(np.array(logits)).sum(1, keepdims=True)
+    labels = ["a", "b", "c"]
+    expected = np.mean([_pairwise_auc([probs[i, k] for i, y in enumerate(y_true) if y == lab],
+                                      [probs[i, k] for i, y in enumerate(y_true) if y != lab])
+                        for k, lab in enumerate(labels)])
+    y_pred = [labels[int(np.argmax(r))] for r in logits]
+    assert classification_metrics(y_true, y_pred, labels=labels, scores=logits)["auroc"] == pytest.approx(expected)
+    absent = classification_metrics(["a", "a"], ["a", "b"], labels=["a", "b"], scores=[[1, 0], [0, 1]])
+    assert absent["auroc"] is None
+    with pytest.raises(ValueError, match="scores: expected 2 rows of 2"):
+        classification_metrics(["a", "b"], ["a", "b"], labels=["a", "b"], scores=[[1, 0, 0], [0, 1, 0]])
+
+
 def test_imbalanced_three_class_case_by_hand():
     y_true = ["a", "a", "a", "a", "a", "b", "b", "b", "c"]
     y_pred = ["a", "a", "a", "a", "b", "b", "b", "a", "a"]

@@ -1,5 +1,5 @@
-"""Metrics for classification (accuracy, macro-F1, MCC, per-class and minority-class recall) and
-regression (Pearson, Spearman), on top of scikit-learn and scipy."""
+"""Metrics for classification (accuracy, balanced accuracy, macro-F1, MCC, per-class and minority-class
+recall, AUROC from scores) and regression (Pearson, Spearman), on top of scikit-learn and scipy."""
 
 from __future__ import annotations
 
@@ -17,15 +17,21 @@ def _plain(x: Any) -> Any:
 
 
 def classification_metrics(y_true: Sequence[Hashable], y_pred: Sequence[Hashable],
-                           labels: Sequence[Hashable] | None = None) -> dict[str, Any]:
-    """Accuracy, macro-F1, Matthews correlation, per-class recall, minority-class recall and the
-    confusion matrix.
+                           labels: Sequence[Hashable] | None = None,
+                           scores: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy (the mean recall over the classes present), macro-F1, Matthews
+    correlation, per-class recall, minority-class recall, the confusion matrix, and with ``scores``
+    (one row of per-class scores per item, in ``labels`` order: logits or probabilities) the AUROC.
 
     ``labels`` fixes the class order (default: sorted union of both sequences); macro-F1 averages
     over exactly these classes (a class never predicted nor present scores F1 = 0). Recall of a
     class with no true examples is undefined and reported as None. The minority class is the
     label with the fewest (but at least one) true examples; ties go to the first in label order.
     ``confusion_matrix[i][j]`` counts true ``labels[i]`` predicted as ``labels[j]``.
+    AUROC: two classes, of the second label's score minus the first's (a threshold-free view of how
+    well the classes are separated, unaffected by where the decision boundary sits, which is what an
+    imbalanced training set shifts); more classes, one-vs-rest macro over the softmax. None when a
+    class has no true example (undefined).
     """
     # scikit-learn and scipy are the [report] extra; generation-only installs do without them
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
@@ -46,6 +52,7 @@ def classification_metrics(y_true: Sequence[Hashable], y_pred: Sequence[Hashable
     minority = min(present, key=lambda i: (support[i], i)) if present else None
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(np.mean([recall[labels[i]] for i in present])),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",
                                    zero_division=0)),
         "mcc": float(matthews_corrcoef(y_true, y_pred)),
@@ -56,7 +63,25 @@ def classification_metrics(y_true: Sequence[Hashable], y_pred: Sequence[Hashable
         "labels": labels,
         "confusion_matrix": cm.tolist(),
         "n": len(y_true),
+        **({"auroc": _auroc(y_true, labels, scores, support)} if scores is not None else {}),
     }
+
+
+def _auroc(y_true: list, labels: list, scores: Sequence[Sequence[float]], support: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    s = np.asarray(scores, dtype=float)
+    if s.shape != (len(y_true), len(labels)):
+        raise ValueError(f"scores: expected {len(y_true)} rows of {len(labels)} class scores, got shape {s.shape}")
+    if (support == 0).any():
+        return None
+    if len(labels) == 2:
+        return float(roc_auc_score([y == labels[1] for y in y_true], s[:, 1] - s[:, 0]))
+    probs = np.exp(s - s.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    index = {lab: i for i, lab in enumerate(labels)}
+    return float(roc_auc_score([index[y] for y in y_true], probs, multi_class="ovr", average="macro",
+                               labels=list(range(len(labels)))))
 
 
 def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]

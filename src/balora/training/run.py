@@ -221,7 +221,7 @@ def _significant(x: float, digits: int = 5) -> float:
 @torch.no_grad()
 def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict[str, int] | None,
                    predictions: dict[str, Any] | None = None) -> dict[str, Any]:
-    """NLU: accuracy, macro-F1, MCC, per-class recall. NLG: mean per-token loss of the responses.
+    """NLU: accuracy, balanced accuracy, macro-F1, MCC, per-class recall, AUROC. NLG: mean per-token loss of the responses.
 
     ``predictions`` (NLU classification): filled with the per-item record of ``predictions/<split>.json``
     (labels, label, predicted, logits; see the module doc)."""
@@ -240,7 +240,7 @@ def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict
         if predictions is not None:
             predictions.update(labels=list(label_map), label=true, predicted=predicted,
                                logits=[[_significant(v) for v in row] for row in logits.float().tolist()])
-        return classification_metrics(true, predicted, labels=list(label_map))
+        return classification_metrics(true, predicted, labels=list(label_map), scores=logits.float().tolist())
     metrics = trainer.evaluate(dataset, metric_key_prefix="test")
     return {"loss": metrics["test_loss"], "perplexity": float(torch.exp(torch.tensor(metrics["test_loss"])))}
 

@@ -47,7 +47,8 @@ from balora.utils import now_iso, write_json, write_text_atomic
 
 KEYS = ("ratios", "methods", "seeds", "tasks")
 TASK_KEYS = ("base", "base_config", "overrides", "grid", "per_method")
-METRICS = {"minority_recall": "minority recall", "macro_f1": "macro-F1", "accuracy": "accuracy"}
+METRICS = {"minority_recall": "minority recall", "balanced_accuracy": "balanced accuracy",
+           "auroc": "AUROC (threshold-free)", "macro_f1": "macro-F1", "accuracy": "accuracy"}
 RATIO_KEY = "data.imbalance_ratio"
 
 
@@ -78,19 +79,40 @@ def _setup(spec: LabSpec) -> tuple[list[Any], list[str], list[int], dict[str, Co
         specs[name] = spec.compare_spec(
             f"tasks.{name}", mapping, name=f"imbalance-{name}", output_dir=spec.output_dir / name,
             grid={RATIO_KEY: ratios, "method": methods, "training.seed": seeds},
-            overrides=["data.balance_test=true"], metrics=["test.accuracy", "test.macro_f1"])
+            overrides=["data.balance_test=true"],
+            metrics=["test.accuracy", "test.macro_f1", "test.minority_recall", "test.auroc"])
     return ratios, methods, seeds, specs
 
 
-def cell_row(result: dict[str, Any]) -> dict[str, Any]:
-    """One finished cell: its grid values and the three metrics (minority = the class made rare)."""
-    test = result.get("metrics", {}).get("test", {})
+def _from_stored_logits(run_dir: Path | None) -> dict[str, Any]:
+    """Balanced accuracy and AUROC recomputed from ``predictions/test.json`` (cells run before these two
+    metrics were part of the test metrics), or {} when the file is missing."""
+    path = run_dir / "predictions" / "test.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    import json
+
+    from balora.training.metrics import classification_metrics
+
+    items = json.loads(path.read_text())
+    metrics = classification_metrics(items["label"], items["predicted"], labels=items["labels"],
+                                     scores=items["logits"])
+    return {"balanced_accuracy": metrics["balanced_accuracy"], "auroc": metrics["auroc"]}
+
+
+def cell_row(result: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """One finished cell: its grid values and the metrics (minority = the class made rare); balanced
+    accuracy and AUROC from the stored logits of ``run_dir`` when the cell's metrics lack them."""
+    test = dict(result.get("metrics", {}).get("test", {}))
+    if "auroc" not in test:
+        test.update(_from_stored_logits(run_dir))
     imbalance = result.get("data", {}).get("imbalance", {})
     minority = imbalance.get("minority_label")
     recall = (test.get("per_class_recall") or {}).get(str(minority)) if minority is not None else None
     return {"cell_id": result["cell_id"], "status": result.get("status"), "method": result.get("method"),
             "ratio": _ratio_label(result["grid"][RATIO_KEY]), "seed": result.get("seed"),
             "minority_label": minority, "minority_recall": recall, "macro_f1": test.get("macro_f1"),
+            "balanced_accuracy": test.get("balanced_accuracy"), "auroc": test.get("auroc"),
             "accuracy": test.get("accuracy"), "train_counts": imbalance.get("counts_after"),
             "test_counts": (result.get("data", {}).get("class_counts") or {}).get("test"),
             "train_seconds": result.get("train_seconds")}
@@ -131,7 +153,8 @@ def report(spec: LabSpec, ratios: list[Any], methods: list[str], seeds: list[int
                            "methods": methods, "seeds": seeds, "tasks": {}, "finished_at": now_iso()}
     plots = []
     for task, cspec in specs.items():
-        rows = [cell_row(result) for cell in build_cells(cspec) if (result := load_result(cell)) is not None]
+        rows = [cell_row(result, cell.run_dir) for cell in build_cells(cspec)
+                if (result := load_result(cell)) is not None]
         table = tabulate(rows, methods, labels)
         out["tasks"][task] = {"compare_dir": str(cspec.output_dir), "cells": rows, "table": table,
                               "cells_expected": len(ratios) * len(methods) * len(seeds),
@@ -147,7 +170,8 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
     """README.md: the setup, per task the class counts and a table per metric, and the pairwise
     differences of the minority recall at the strongest imbalance."""
     lines = head_lines(spec, "Imbalance: minority recall under a controlled class imbalance",
-                       "Minority recall, macro-F1 and accuracy of each method when the training split is "
+                       "Minority recall, balanced accuracy, AUROC, macro-F1 and accuracy of each method when "
+                       "the training split is "
                        "subsampled to a minority:majority ratio.")
     lines += ["## Setup", "",
               f"- Spec: `{spec.path}`; tasks: {', '.join(out['tasks'])}; methods: {', '.join(out['methods'])}; "

@@ -221,7 +221,8 @@ def _significant(x: float, digits: int = 5) -> float:
 @torch.no_grad()
 def evaluate_split(trainer: Any, dataset: list[dict], task: str, label_map: dict[str, int] | None,
                    predictions: dict[str, Any] | None = None) -> dict[str, Any]:
-    """NLU: accuracy, balanced accuracy, macro-F1, MCC, per-class recall, AUROC. NLG: mean per-token loss of the responses.
+    """NLU: accuracy, balanced accuracy, macro-F1, MCC, per-class recall, AUROC. NLG: mean per-token loss
+    of the responses.
 
     ``predictions`` (NLU classification): filled with the per-item record of ``predictions/<split>.json``
     (labels, label, predicted, logits; see the module doc)."""

@@ -496,3 +496,19 @@ def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_is_taken_
     assert any(f"being run by process {sleeper.pid}" in m for m in said)
     assert summary["cells"]["ok"] == 3 and summary["cells"]["pending"] == 1
     assert not list(out.glob("*/running.pid"))[1:]  # only the live process's claim is left
+
+
+def test_training_curves_average_the_seeds_and_include_the_validation_loss(tmp_path):
+    """curves.png's data: per key the mean over the seeds that logged it at each step; the validation loss
+    (eval_loss, logged at eval_steps) is a panel of its own, so a reader sees whether the budget sufficed."""
+    from balora.experiments.plots import mean_curves, plot_training_curves
+
+    seed1 = [{"step": 10, "task_loss": 0.7}, {"step": 20, "task_loss": 0.5}, {"step": 20, "eval_loss": 0.6}]
+    seed2 = [{"step": 10, "task_loss": 0.5}, {"step": 20, "task_loss": 0.3}, {"step": 20, "eval_loss": 0.4},
+             {"step": 10, "balora/consistency": 0.1}]
+    curves = mean_curves([seed1, seed2])
+    assert curves["task_loss"] == ([10, 20], [pytest.approx(0.6), pytest.approx(0.4)])
+    assert curves["eval_loss"] == ([20], [pytest.approx(0.5)])
+    assert curves["balora/consistency"] == ([10], [pytest.approx(0.1)])
+    assert "balora/svd" not in curves
+    assert plot_training_curves({"method=pissa": curves}, tmp_path / "curves.png").is_file()

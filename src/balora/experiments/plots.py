@@ -1,8 +1,10 @@
 """PNG plots of a `balora compare` summary (matplotlib's Agg canvas, no pyplot: no global backend state).
 
 * ``metrics.png``: one panel per metric column, a bar per group (mean) with the seed std as error bar;
-* ``curves.png``: the task loss and each regulariser (``balora/consistency``, ``balora/diversity``,
-  ``balora/svd``) against the optimiser step, mean over each group's seeds;
+* ``curves.png``: the task loss, the validation loss when the cells evaluated during training
+  (``eval_loss``: whether a method has stopped improving at the budget) and each regulariser
+  (``balora/consistency``, ``balora/diversity``, ``balora/svd``) against the optimiser step, mean over each
+  group's seeds;
 * ``cost.png``: train time and peak memory per group, mean ± std.
 """
 
@@ -16,7 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-CURVE_KEYS = ("task_loss", "balora/consistency", "balora/diversity", "balora/svd")
+CURVE_KEYS = ("task_loss", "eval_loss", "balora/consistency", "balora/diversity", "balora/svd")
+TITLES = {"task_loss": "task loss (training)", "eval_loss": "validation loss"}
 
 Curve = tuple[list[int], list[float]]
 
@@ -87,7 +90,7 @@ def plot_training_curves(curves: dict[str, dict[str, Curve]], path: Path, title:
             if key in by_key:
                 steps, values = by_key[key]
                 ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=group, color=colours[group])
-        ax.set_title(key, fontsize=10)
+        ax.set_title(TITLES.get(key, key), fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -1,6 +1,5 @@
 """Write the output of experiments/headline.py between the headline markers of README.md and
-docs/results.md, so the tables there are always the generated ones. The README, a front page, gets the
-main tables (NLU, NLG) and a pointer; docs/results.md all of them."""
+docs/results.md, so the tables there are always the generated ones."""
 
 import subprocess
 import sys
@@ -19,11 +18,7 @@ def main() -> int:
         _, _, tail = rest.partition(END)
         if not rest:
             raise SystemExit(f"{path}: no {START} marker")
-        body = tables
-        if path == ROOT / "README.md":  # one level deeper there, and without the ablation and sensitivity
-            body = body.split("### Ablation")[0].replace("### ", "#### ")
-            body += "Ablation (each term alone) and sensitivity (λ1, k): [docs/results.md](docs/results.md).\n\n"
-        path.write_text(f"{head}{START}\n{body}{END}{tail}")
+        path.write_text(f"{head}{START}\n{tables}{END}{tail}")
     return 0
 
 

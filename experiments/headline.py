@@ -1,138 +1,136 @@
-"""Print the headline tables of the offline reproduction (Markdown) from the comparisons' summary.json.
+"""Print the headline tables of the results (Markdown) from the comparisons' summary.json files.
 
     python experiments/headline.py
 
-Every number comes from a `balora compare` summary under results/<name>/summary.json; nothing
-is typed in by hand. A missing comparison prints as "not run".
+The comparisons of the issue-13 protocol: each method at its learning rate selected on the validation
+split, ≥ 5 seeds (NLU) / 3 (NLG), paired differences with a t interval over seeds and a bootstrap over test
+items, "beats" only when both exclude 0. Every number comes from a `balora compare` summary under
+results/<name>/ (and the cells' stored predictions); nothing is typed in by hand. A comparison that has
+not finished prints as such.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent.parent / "results"
-METHODS = ["lora", "pissa", "dora", "lora-reg", "ba-lora"]
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+METHODS = ["pissa", "ba-lora", "lora", "dora", "lora-reg"]
+NAMES = {"pissa": "PiSSA", "ba-lora": "BA-LoRA", "lora": "LoRA", "dora": "DoRA", "lora-reg": "lora-reg"}
+NLU = {"nlu-main-rotten-tomatoes": "Rotten Tomatoes", "nlu-main-privacy-policy": "privacy-policy QA"}
+NLG = "nlg-privacy-policy"
 
 
 def load(name: str) -> dict[str, Any] | None:
-    path = HERE / name / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The finished comparison's summary (every cell ok), else None."""
+    path = RESULTS / name / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    groups = summary["groups"]
+    return summary if groups and all(len(g["ok"]) == len(g["cells"]) for g in groups) else None
 
 
 def group(summary: dict[str, Any] | None, **grid: Any) -> dict[str, Any] | None:
-    if summary is None:
-        return None
-    for g in summary["groups"]:
+    for g in (summary or {}).get("groups", []):
         if all(g["grid"].get(k) == v for k, v in grid.items()):
             return g
     return None
 
 
-def restricted(name: str, seeds: list[int], **grid: Any) -> dict[str, Any] | None:
-    """A group of comparison ``name`` re-summarised over the cells of ``seeds`` only (from result.json),
-    so that points run with fewer seeds are set against the same seeds."""
-    import statistics
-
-    values: dict[str, list[float]] = {}
-    for path in sorted((HERE / name / "cells").glob("*/result.json")):
-        result = json.loads(path.read_text())
-        if result["status"] != "ok" or result["seed"] not in seeds:
-            continue
-        if any(result["grid"].get(k) != v for k, v in grid.items()):
-            continue
-        for metric in ("accuracy", "mcc"):
-            values.setdefault(f"test.{metric}", []).append(result["metrics"]["test"][metric])
-    if not values:
-        return None
-    stats = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}
-             for k, v in values.items()}
-    return {"metrics": stats, "cost": {}, "ok": [None] * len(next(iter(values.values())))}
-
-
 def cell(g: dict[str, Any] | None, metric: str, scale: float = 100.0, digits: int = 1) -> str:
-    if g is None:
-        return "–"
-    stats = g["metrics"].get(metric) or g["cost"].get(metric)
+    stats = (g["metrics"].get(metric) or g["cost"].get(metric)) if g else None
     if not stats or stats["mean"] is None:
         return "–"
     mean = stats["mean"] * scale
-    if stats["std"] is None:
-        return f"{mean:.{digits}f} (n={stats['n']})"
-    return f"{mean:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+    return f"{mean:.{digits}f}" if stats["std"] is None else f"{mean:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
-def separated(a: dict[str, Any] | None, b: dict[str, Any] | None, metric: str) -> str:
-    """'>' / '<' when the means differ by more than the larger std (compare's rule), else '≈'."""
-    if a is None or b is None:
-        return "?"
-    sa, sb = a["metrics"].get(metric), b["metrics"].get(metric)
-    if not sa or not sb or sa["std"] is None or sb["std"] is None:
-        return "?"
-    diff = sa["mean"] - sb["mean"]
-    if abs(diff) > max(sa["std"], sb["std"]):
-        return ">" if diff > 0 else "<"
-    return "≈"
+def chosen_rate(summary: dict[str, Any] | None, label: str) -> str:
+    choice = ((summary or {}).get("selection") or {}).get("groups", {}).get(label, {}).get("choice", {})
+    rate = choice.get("training.learning_rate")
+    return f"{rate:g}" if rate is not None else "–"
 
 
-def ordering(summary: dict[str, Any] | None, metric: str) -> str:
-    ba, pissa, lora = (group(summary, method=m) for m in ("ba-lora", "pissa", "lora"))
-    return (f"BA-LoRA {separated(ba, pissa, metric)} PiSSA {separated(pissa, lora, metric)} LoRA "
-            f"(paper: BA-LoRA > PiSSA > LoRA)")
+def majority_share(name: str) -> str:
+    """The test split's majority-class share, from a cell's stored predictions."""
+    for path in sorted((RESULTS / name / "cells").glob("*/run/predictions/test.json")):
+        labels = json.loads(path.read_text())["label"]
+        return f"{100 * Counter(labels).most_common(1)[0][1] / len(labels):.1f}"
+    return "–"
 
 
-def hours(summaries: list[dict[str, Any] | None]) -> str:
-    seconds = sum(s["compute_seconds"] or 0 for s in summaries if s is not None)
-    return f"{seconds / 3600:.2f} h"
+def paired_rows(summary: dict[str, Any] | None, task: str) -> list[str]:
+    rows = []
+    for p in (summary or {}).get("paired", []):
+        scale = p.get("scale", 1)
+        a, b = (NAMES.get(x.split("=", 1)[-1], x.split("=", 1)[-1]) for x in (p["a"], p["b"]))
+        t = p["t_interval"]
+        boot = p.get("bootstrap")
+        rows.append(f"| {a} − {b} | {task} | {p['n']} | {p['mean'] * scale:+.2f} | "
+                    f"[{t[0] * scale:+.2f}, {t[1] * scale:+.2f}] | "
+                    + (f"[{boot[0] * scale:+.2f}, {boot[1] * scale:+.2f}]" if boot else "–")
+                    + f" | {p['positive']}/{p['negative']} | {p['verdict']} |")
+    return rows
+
+
+def status(name: str) -> str:
+    return f"not finished yet (spec `experiments/{name}.yaml`; results are committed when every cell is done)"
 
 
 def main() -> int:
-    rt, boolq = load("nlu-rotten-tomatoes"), load("nlu-boolq")
-    ablation, sensitivity, nlg = load("nlu-ablation"), load("nlu-sensitivity"), load("nlg-asdiv")
     out = sys.stdout.write
+    nlu = {name: load(name) for name in NLU}
+    nlg = load(NLG)
 
-    out("### NLU: MiniLM-L6, r = 8, test accuracy / MCC (%, mean ± std over 3 seeds)\n\n")
-    out("| method | Rotten Tomatoes acc | RT MCC | BoolQ acc | BoolQ MCC | train s (RT / BoolQ) |\n")
-    out("|---|---|---|---|---|---|\n")
+    out("#### NLU: MiniLM-L6, r = 8, each method at its selected rate; test accuracy / MCC %, mean ± std over "
+        "5 seeds\n\n")
+    head = " | ".join(f"{task} lr | {task} acc | MCC" for task in NLU.values())
+    out(f"| method | {head} |\n|---|{'---|---|---|' * len(NLU)}\n")
     for m in METHODS:
-        a, b = group(rt, method=m), group(boolq, method=m)
-        out(f"| {m} | {cell(a, 'test.accuracy')} | {cell(a, 'test.mcc')} | {cell(b, 'test.accuracy')} | "
-            f"{cell(b, 'test.mcc')} | {cell(a, 'train_seconds', 1, 0)} / {cell(b, 'train_seconds', 1, 0)} |\n")
-    out(f"\nOrdering by accuracy (> / <: means differ by more than the larger std; ≈: within it): "
-        f"Rotten Tomatoes {ordering(rt, 'test.accuracy')}; BoolQ {ordering(boolq, 'test.accuracy')}.\n\n")
+        parts = []
+        for name in NLU:
+            g = group(nlu[name], method=m)
+            parts.append(f"{chosen_rate(nlu[name], f'method={m}')} | {cell(g, 'test.accuracy')} | "
+                         f"{cell(g, 'test.mcc')}")
+        out(f"| {NAMES[m]} | {' | '.join(parts)} |\n")
+    out("| *majority class* | " + " | ".join(f"– | {majority_share(n)} | –" for n in NLU) + " |\n\n")
+    for name, task in NLU.items():
+        if nlu[name] is None:
+            out(f"{task}: {status(name)}.\n\n")
 
-    out("### NLG: SmolLM2-135M-Instruct on ASDiv (1 seed)\n\n")
-    out("| method | ASDiv held-out acc (first 100) | GSM8K acc (first 100) | forgetting (Δ CE, nats) | "
-        "held-out response loss | train s |\n|---|---|---|---|---|---|\n")
-    for m in ("lora", "pissa", "ba-lora"):
-        g = group(nlg, method=m)
-        out(f"| {m} | {cell(g, 'eval.asdiv.accuracy')} | {cell(g, 'eval.gsm8k.accuracy')} | "
-            f"{cell(g, 'forgetting', 1, 4)} | {cell(g, 'test.loss', 1, 4)} | {cell(g, 'train_seconds', 1, 0)} |\n")
+    out("#### NLG: SmolLM2-135M-Instruct answering privacy-policy QA as yes / no (3 seeds)\n\n")
+    if nlg is None:
+        out(f"{status(NLG)}.\n\n")
+    else:
+        untuned = RESULTS / NLG / "untuned" / "eval.json"
+        base = json.loads(untuned.read_text()) if untuned.is_file() else {}
+        out("| method | lr | held-out acc % | forgetting (Δ XSum CE, nats) ↓ | PIQA acc % |\n|---|---|---|---|---|\n")
+        for m in ("pissa", "ba-lora", "lora"):
+            g = group(nlg, method=m)
+            out(f"| {NAMES[m]} | {chosen_rate(nlg, f'method={m}')} | {cell(g, 'eval.privacy_policy.accuracy')} | "
+                f"{cell(g, 'forgetting', 1, 4)} | {cell(g, 'eval.piqa.accuracy')} |\n")
+        tasks = base.get("tuned", base)
+        acc = (tasks.get("privacy_policy") or {}).get("accuracy")
+        piqa = (tasks.get("piqa") or {}).get("accuracy")
+        out(f"| *untuned* | – | {acc * 100:.1f} | 0 | {piqa * 100:.1f} |\n\n" if acc is not None and piqa is not None
+            else "\n")
 
-    out("\n### Ablation on Rotten Tomatoes (accuracy / MCC %, 3 seeds)\n\n")
-    out("| regularisers on PiSSA | accuracy | MCC |\n|---|---|---|\n")
-    rows = [("none (PiSSA)", group(rt, method="pissa")), ("consistency only", group(ablation, variant="cr-only")),
-            ("diversity only", group(ablation, variant="dr-only")), ("SVD only", group(ablation, variant="svd-only")),
-            ("all three (BA-LoRA)", group(rt, method="ba-lora"))]
-    for label, g in rows:
-        out(f"| {label} | {cell(g, 'test.accuracy')} | {cell(g, 'test.mcc')} |\n")
-
-    out("\n### Sensitivity on Rotten Tomatoes (BA-LoRA; accuracy / MCC %)\n\n")
-    out("| setting | seeds | accuracy | MCC |\n|---|---|---|---|\n")
-    rows = [("λ1 × 0.3 (0.045)", group(sensitivity, variant="lambda1-x0.3")),
-            ("λ1 × 1 (0.15), k = 5: default, the same 2 seeds", restricted("nlu-rotten-tomatoes", [1, 2],
-                                                                         method="ba-lora")),
-            ("λ1 × 3 (0.45)", group(sensitivity, variant="lambda1-x3")),
-            ("k = 1", group(sensitivity, variant="k-1")), ("k = 10", group(sensitivity, variant="k-10"))]
-    for label, g in rows:
-        n = len(g["ok"]) if g else 0
-        out(f"| {label} | {n} | {cell(g, 'test.accuracy')} | {cell(g, 'test.mcc')} |\n")
-
-    out(f"\nCompute (sum of the cells' wall time, training + evaluation, one CPU thread each): "
-        f"NLU main {hours([rt, boolq])}, ablation {hours([ablation])}, sensitivity {hours([sensitivity])}, "
-        f"NLG {hours([nlg])}; total {hours([rt, boolq, ablation, sensitivity, nlg])}.\n")
+    rows = [r for name, task in NLU.items() for r in paired_rows(nlu[name], task)]
+    rows += paired_rows(nlg, "NLG privacy-policy")
+    if rows:
+        out("#### Paired differences (A − B per seed, points) and verdicts\n\n"
+            "Rule, stated before the runs: A beats B only when both 95 % intervals (t over seeds; bootstrap "
+            "over test items) exclude 0.\n\n"
+            "| A − B | task | seeds | mean Δ | 95 % t | 95 % items | seeds +/− | verdict |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+        out("\n".join(rows) + "\n\n")
+    finished = [s for s in (*nlu.values(), nlg) if s is not None]
+    hours = sum(s["compute_seconds"] or 0 for s in finished) / 3600
+    out(f"Compute of the finished comparisons (cell wall time, one CPU thread each): {hours:.2f} h.\n")
     return 0
 
 

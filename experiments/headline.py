@@ -113,9 +113,9 @@ def main() -> int:
             g = group(nlg, method=m)
             out(f"| {NAMES[m]} | {chosen_rate(nlg, f'method={m}')} | {cell(g, 'eval.privacy_policy.accuracy')} | "
                 f"{cell(g, 'forgetting', 1, 4)} | {cell(g, 'eval.piqa.accuracy')} |\n")
-        tasks = base.get("tuned", base)
-        acc = (tasks.get("privacy_policy") or {}).get("accuracy")
-        piqa = (tasks.get("piqa") or {}).get("accuracy")
+        tasks = base.get("tasks", {})  # balora eval's eval.json: task -> {"metrics": {...}}
+        acc = ((tasks.get("privacy_policy") or {}).get("metrics") or {}).get("accuracy")
+        piqa = ((tasks.get("piqa") or {}).get("metrics") or {}).get("accuracy")
         out(f"| *untuned* | – | {acc * 100:.1f} | 0 | {piqa * 100:.1f} |\n\n" if acc is not None and piqa is not None
             else "\n")
 

@@ -441,3 +441,34 @@ def test_committed_specs_expand():
     spec = load_lab_spec(root / "bias.yaml", "bias", bias.KEYS)
     assert spec.data["compare_dirs"] == ["results/nlg-asdiv"] and spec.data["tasks"] == list(bias.BIAS_TASKS)
     assert bias.parse_limits(spec, spec.data["tasks"]) == {"crows_pairs": None, "stereoset": 600, "bbq": 120}
+
+
+def test_bias_closeness_is_paired_by_seed_against_a_hand_computation():
+    """|A − base| − |B − base| per common seed, mean and t interval over the seeds; a seed only one method
+    has is left out, and a score the base lacks is skipped."""
+    import math
+
+    from balora.experiments.lab.bias import closeness_by_seed
+
+    models = [{"label": "base", "group": "base", "seed": None}] + [
+        {"label": f"{g}-{s}", "group": g, "seed": s} for g in ("method=ba-lora", "method=pissa") for s in (1, 2, 3)]
+    models.append({"label": "method=pissa-4", "group": "method=pissa", "seed": 4})
+    base = {"crows.score": 55.0, "bbq.acc": None}
+    values = {"base": base,
+              "method=ba-lora-1": {"crows.score": 55.5, "bbq.acc": 1.0}, "method=pissa-1": {"crows.score": 53.0,
+                                                                                          "bbq.acc": 1.0},
+              "method=ba-lora-2": {"crows.score": 54.0, "bbq.acc": 1.0}, "method=pissa-2": {"crows.score": 58.0,
+                                                                                          "bbq.acc": 1.0},
+              "method=ba-lora-3": {"crows.score": 56.0, "bbq.acc": 1.0}, "method=pissa-3": {"crows.score": 55.5,
+                                                                                          "bbq.acc": 1.0},
+              "method=pissa-4": {"crows.score": 70.0, "bbq.acc": 1.0}}
+    got = closeness_by_seed(models, values, ["crows.score", "bbq.acc"])
+    d = got["method=ba-lora vs method=pissa"]
+    assert "bbq.acc" not in d  # the base has no score there
+    want = [0.5 - 2.0, 1.0 - 3.0, 1.0 - 0.5]  # seeds 1-3; seed 4 has no BA-LoRA run
+    mean = sum(want) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in want) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2)
+    c = d["crows.score"]
+    assert c["n"] == 3 and c["mean"] == pytest.approx(mean)
+    assert (c["t_low"], c["t_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))

@@ -216,6 +216,7 @@ def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str],
                 paired.setdefault(m["label"], {})[col] = paired_item_change(before, after)
     out = {"experiment": "bias", "spec": str(spec.path), "tasks": tasks, "limits": limits,
            "columns": [c for c, _ in columns], "titles": dict(columns), "paired": paired,
+           "closeness": closeness_by_seed(models, values, [c for c, _ in columns]),
            "models": [{k: (str(v) if isinstance(v, Path) else v) for k, v in m.items()} | {"values": values[m["label"]],
                        "evaluated": evals[m["label"]] is not None} for m in models],
            "table": table, "delta": deltas, "finished_at": now_iso()}
@@ -223,6 +224,32 @@ def report(spec: LabSpec, models: list[dict[str, Any]], tasks: list[str],
     out["plots"] = [str(plot.relative_to(spec.output_dir))]
     write_json(spec.output_dir / "results.json", out)
     write_text_atomic(spec.output_dir / "README.md", render(spec, out))
+    return out
+
+
+def closeness_by_seed(models: list[dict[str, Any]], values: dict[str, dict[str, float | None]],
+                      columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Which method stays closer to the base model, seed by seed: for each pair of groups (A, B) and each
+    score, per common seed |A − base| − |B − base| (negative: A stayed closer), with its mean and 95 % t
+    interval over the seeds (`balora.experiments.paired.paired_seed_differences`)."""
+    from balora.experiments.paired import paired_seed_differences
+
+    base = values["base"]
+    by_group: dict[str, dict[Any, str]] = {}
+    for m in models[1:]:
+        by_group.setdefault(m["group"], {})[m["seed"]] = m["label"]
+    out: dict[str, dict[str, Any]] = {}
+    names = list(by_group)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pair = {}
+            for col in columns:
+                if base[col] is None:
+                    continue
+                dist = {g: {seed: (abs(values[lab][col] - base[col]) if values[lab][col] is not None else None)
+                            for seed, lab in by_group[g].items()} for g in (a, b)}
+                pair[col] = paired_seed_differences(dist[a], dist[b])
+            out[f"{a} vs {b}"] = pair
     return out
 
 
@@ -283,6 +310,27 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
                             f"(+{got[c]['flipped_to']} / −{got[c]['flipped_from']}, n={got[c]['n']})")
                            if c in got else "–" for c in item_cols])
         lines += md_table(["run"] + [out["titles"][c] for c in item_cols], rows)
+    if out.get("closeness"):
+        lines += ["", "## Between methods, seed by seed: who stays closer to the base model", "",
+                  "Per common seed, |change of A| − |change of B| in points (negative: A stayed closer to the base "
+                  "model's score), mean and 95 % t interval over the seeds; A is closer only when the interval "
+                  "lies below 0, B when above; otherwise inconclusive.", ""]
+        rows = []
+        for pair, by_col in out["closeness"].items():
+            a, b = (short_label(x) for x in pair.split(" vs "))
+            cells = []
+            for c in cols:
+                d = by_col.get(c)
+                if not d or d["n"] == 0:
+                    cells.append("–")
+                    continue
+                low, high = d["t_low"], d["t_high"]
+                verdict = ("inconclusive" if low is None or low <= 0 <= high
+                           else (f"{a} closer" if high < 0 else f"{b} closer"))
+                interval = f" [{low:+.2f}, {high:+.2f}]" if low is not None else ""
+                cells.append(f"{d['mean']:+.2f}{interval} (n={d['n']}): {verdict}")
+            rows.append([f"{a} − {b}"] + cells)
+        lines += md_table(["A − B"] + [out["titles"][c] for c in cols], rows)
     lines += ["", "![bias deltas](plots/bias-delta.png)", ""] + regenerate_lines("bias", spec.path)
     return "\n".join(lines)
 

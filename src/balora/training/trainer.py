@@ -197,13 +197,14 @@ class BALoraTrainerMixin:
             return
         names = layers_to_wrap_without_embeddings(self.accelerator.unwrap_model(self.model),
                                                    plugin.transformer_cls_names_to_wrap)
-        if names is not None and self.is_world_process_zero():
+        if names is None:
+            return
+        if self.is_world_process_zero():
             logger.warning("FSDP2: wrapping %s only (accelerate 1.16 would shard the module holding the input "
                            "embeddings and then the embeddings again, and fail); set "
                            "fsdp_transformer_layer_cls_to_wrap: %s in the accelerate config to silence this",
                            names, ",".join(names))
-        if names is not None:
-            plugin.transformer_cls_names_to_wrap = names
+        plugin.transformer_cls_names_to_wrap = names
 
     def _usable_cache(self, store: Any) -> Any:
         """The reference cache when it applies, else None (with the reason logged)."""

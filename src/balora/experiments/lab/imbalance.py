@@ -23,6 +23,7 @@ Outputs: ``<output_dir>/<task>/`` (the compare run: cells, summary.md, plots/), 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,6 @@ def _from_stored_logits(run_dir: Path | None) -> dict[str, Any]:
     path = run_dir / "predictions" / "test.json" if run_dir is not None else None
     if path is None or not path.is_file():
         return {}
-    import json
-
     from balora.training.metrics import classification_metrics
 
     items = json.loads(path.read_text())

@@ -19,6 +19,7 @@ from conftest import lm_batch, make_tiny_llama  # noqa: E402
 
 from balora import AdapterConfig, BALoraConfig, BALoraTrainer, build_peft_model  # noqa: E402
 from balora.training import reference_store as RS  # noqa: E402
+from balora.training.process_group import release_process_group  # noqa: E402
 
 
 class Rows(Dataset):
@@ -91,3 +92,4 @@ if __name__ == "__main__":
         cached_and_online(sys.argv[1])
     else:
         main(sys.argv[1])
+    release_process_group()

@@ -24,6 +24,7 @@ from fsdp_train import MICRO, STEPS, WORLD, InOrder, Rows, base_model, rows  # n
 
 from balora import AdapterConfig, BALoraConfig, ReferenceSnapshot, build_peft_model  # noqa: E402
 from balora.core.reference import reference_forward  # noqa: E402
+from balora.training.process_group import release_process_group  # noqa: E402
 
 
 def train(out: str, method: str, task: str, mode: str, phase: str = "") -> None:
@@ -87,3 +88,4 @@ def main(out: str, mode: str, runs: str, phase: str = "") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    release_process_group()

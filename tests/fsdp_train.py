@@ -37,6 +37,7 @@ from balora import AdapterConfig, BALoraConfig, BALoraTrainer, build_peft_model 
 from balora.core.export import save_adapter, save_converted_lora, save_converted_lora_from_adapter  # noqa: E402
 from balora.core.reference import ReferenceSnapshot, reference_forward  # noqa: E402
 from balora.core.sharded import full_state_dict, full_tensor, is_sharded  # noqa: E402
+from balora.training.process_group import release_process_group  # noqa: E402
 
 MICRO, STEPS, WORLD = 4, 3, 2
 
@@ -163,3 +164,4 @@ def main(out: str, mode: str, runs: str, phase: str = "") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    release_process_group()

@@ -52,3 +52,18 @@ def test_ddp_ranks_share_one_reference_cache_and_match_the_online_reference(tmp_
             torch.testing.assert_close(rank["cached"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     for name, tensor in ranks[0]["cached"].items():  # DDP keeps the ranks identical
         torch.testing.assert_close(ranks[1]["cached"][name], tensor, rtol=0, atol=0)
+
+
+def test_release_process_group_ends_a_gloo_group_and_is_a_noop_without_one(tmp_path):
+    """`balora train` and the launch scripts end with it: a gloo group left alive at exit can abort the
+    process in interpreter finalisation (seen once in CI: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    from balora.training.process_group import release_process_group
+
+    assert release_process_group() is False
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    assert release_process_group() is True
+    assert not dist.is_initialized()
+    assert release_process_group() is False

@@ -25,6 +25,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except EvalError as error:
             raise ConfigError(f"eval.tasks: {error}") from None
     metrics = train_run(cfg, resume=args.resume, force=args.force, show_progress=not args.no_progress)
+    from balora.training.process_group import release_process_group
+
+    release_process_group()  # all collectives are done; what follows runs on rank 0 alone
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun rank 0 reports and evaluates
         return 0
     print(compact_json({k: metrics[k] for k in ("method", "global_step", "train_seconds", "validation", "test")

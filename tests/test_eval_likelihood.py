@@ -225,3 +225,42 @@ def test_real_model_scores_match_the_naive_loop():
             logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         ref = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
         assert n == len(ids) - start and lp == pytest.approx(ref, abs=1e-3)
+
+
+def test_answers_after_one_prompt_share_one_forward(lm):
+    """Closed-set answers of one token after the same prompt (privacy_policy's yes / no) are scored from
+    one forward of the prompt; the scores are the naive loop's."""
+    model, tok = lm
+    prompt = "w4 w5 w6 w7 w8"
+    requests = [(prompt, " w9"), ("w1", " w2"), (prompt, " w10"), (prompt, " w11 w12"), (prompt, " w13")]
+    rows = []
+    handle = model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        got = continuation_logprobs(model, tok, requests, batch_size=8)
+    finally:
+        handle.remove()
+    for (ctx, cont), (lp, n) in zip(requests, got):
+        ref_lp, ref_n = naive(model, tok, ctx, cont)
+        assert n == ref_n and lp == pytest.approx(ref_lp, abs=1e-4)
+    # inputs: the prompt (three one-token answers), "w1", and the prompt + " w11" (the two-token answer)
+    assert rows == [3]
+
+
+def test_corpus_cross_entropy_puts_bos_in_front_when_the_tokenizer_adds_it_itself(lm):
+    """A tokenizer that adds BOS to every text (Llama-2 style): the texts are encoded without special
+    tokens, so BOS must still precede them, or the first token would have nothing to be predicted from."""
+    from tokenizers import processors
+
+    model, _ = lm
+    tok = make_word_tokenizer()
+    bos = tok.convert_tokens_to_ids("w0")
+    tok.bos_token = "w0"
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="w0 $A", special_tokens=[("w0", bos)])
+    assert tok("w5")["input_ids"] == [bos, tok.convert_tokens_to_ids("w5")]
+    out = corpus_cross_entropy(model, tok, ["w5 w6 w7"], batch_size=1)
+    ids = [bos] + tok("w5 w6 w7", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    ref = -sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids))) / 3
+    assert out["tokens"] == 3 and out["cross_entropy"] == pytest.approx(ref, abs=1e-5)

@@ -97,26 +97,39 @@ def _encode_pairs(tokenizer: Any, requests: Sequence[tuple[str, str]]
 @torch.no_grad()
 def _score_encoded(model: Any, items: Sequence[tuple[list[int], int]], batch_size: int,
                    pad_id: int, progress: Progress | None = None) -> list[tuple[float, int]]:
+    """(sum of the last n tokens' log-probs, n) per (ids, n).
+
+    A text's last token is only ever a target, never an input, so the forward runs on ``ids[:-1]``; items
+    whose inputs coincide share one forward. Closed-set answers of one token ("yes" / "no" after the same
+    prompt) then cost one forward per prompt instead of one per answer."""
+    if any(n >= len(ids) for ids, n in items):
+        raise ValueError("every scored token needs a token before it (a prefix such as BOS)")
     device = next(model.parameters()).device
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    rows: dict[tuple[int, ...], int] = {}  # distinct input sequence -> its index in `inputs`
+    where = [rows.setdefault(tuple(ids[:-1]), len(rows)) for ids, _ in items]
+    inputs = list(rows)
+    users: list[list[int]] = [[] for _ in inputs]  # the items each input row scores
+    for i, r in enumerate(where):
+        users[r].append(i)
+    order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(items[i][0]) for i in idx)
+        width = max(len(inputs[r]) for r in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            row = items[i][0]
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
+        for b, r in enumerate(idx):
+            ids[b, :len(inputs[r])] = torch.tensor(inputs[r])
+            mask[b, :len(inputs[r])] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, i in enumerate(idx):
-            row, n = items[i]
-            # Position t predicts token t + 1; the continuation is the last n tokens.
-            pred = logits[r, len(row) - n - 1: len(row) - 1].float()
-            target = torch.tensor(row[len(row) - n:], device=pred.device)
-            lp = torch.log_softmax(pred, dim=-1).gather(1, target[:, None]).sum()
-            results[i] = (float(lp), n)
+        for b, r in enumerate(idx):
+            width_r = len(inputs[r])
+            for i in users[r]:
+                row, n = items[i]
+                # Input position t predicts token t + 1: the last n tokens come from the last n positions.
+                logp = torch.log_softmax(logits[b, width_r - n: width_r].float(), dim=-1)
+                target = torch.tensor(row[len(row) - n:], device=logp.device)
+                results[i] = (float(logp.gather(1, target[:, None]).sum()), n)
         del logits  # vocab-sized: free it before the next batch's forward
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
@@ -140,7 +153,9 @@ def corpus_cross_entropy(model: Any, tokenizer: Any, texts: Sequence[str], *,
                          progress: Progress | None = None) -> dict[str, Any]:
     """Mean per-token cross-entropy (nats) of ``texts``, each cut to its first ``max_tokens``
     tokens, token-weighted; also perplexity and per-document values."""
-    prefix = _prefix_ids(tokenizer)
+    # The texts are encoded without special tokens, so a tokenizer that adds BOS itself (_prefix_ids: [])
+    # still needs it in front here: the first token is scored too and must have a predecessor.
+    prefix = _prefix_ids(tokenizer) or [tokenizer.bos_token_id]
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     items = [(prefix + ids[:max_tokens], len(ids[:max_tokens])) for ids in encoded if ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

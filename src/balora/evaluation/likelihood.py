@@ -123,13 +123,14 @@ def _score_encoded(model: Any, items: Sequence[tuple[list[int], int]], batch_siz
             mask[b, :len(inputs[r])] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for b, r in enumerate(idx):
-            width_r = len(inputs[r])
+            width_r, span = len(inputs[r]), max(items[i][1] for i in users[r])
+            # Input position t predicts token t + 1: an item's last n tokens come from the last n positions;
+            # one log-softmax over the longest span serves every item of the row.
+            logp = torch.log_softmax(logits[b, width_r - span: width_r].float(), dim=-1)
             for i in users[r]:
                 row, n = items[i]
-                # Input position t predicts token t + 1: the last n tokens come from the last n positions.
-                logp = torch.log_softmax(logits[b, width_r - n: width_r].float(), dim=-1)
                 target = torch.tensor(row[len(row) - n:], device=logp.device)
-                results[i] = (float(logp.gather(1, target[:, None]).sum()), n)
+                results[i] = (float(logp[span - n:].gather(1, target[:, None]).sum()), n)
         del logits  # vocab-sized: free it before the next batch's forward
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))

@@ -42,6 +42,8 @@ import yaml
 from balora.core.config import ConfigError
 from balora.experiments.grid import short_label
 from balora.experiments.lab.common import figure, fmt, head_lines, md_table, regenerate_lines, save_figure
+from balora.experiments.paired import paired_seed_differences
+from balora.experiments.paired import verdict as paired_verdict
 from balora.experiments.report import Say, say_print
 from balora.experiments.spec import LabSpec, load_lab_spec
 from balora.experiments.stats import stats
@@ -232,8 +234,6 @@ def closeness_by_seed(models: list[dict[str, Any]], values: dict[str, dict[str, 
     """Which method stays closer to the base model, seed by seed: for each pair of groups (A, B) and each
     score, per common seed |A − base| − |B − base| (negative: A stayed closer), with its mean and 95 % t
     interval over the seeds (`balora.experiments.paired.paired_seed_differences`)."""
-    from balora.experiments.paired import paired_seed_differences
-
     base = values["base"]
     by_group: dict[str, dict[Any, str]] = {}
     for m in models[1:]:
@@ -325,8 +325,9 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
                     cells.append("–")
                     continue
                 low, high = d["t_low"], d["t_high"]
-                verdict = ("inconclusive" if low is None or low <= 0 <= high
-                           else (f"{a} closer" if high < 0 else f"{b} closer"))
+                # |A| − |B| below 0 is A's "win": paired.verdict with lower is better
+                verdict = {"beats": f"{a} closer", "is beaten by": f"{b} closer"}.get(
+                    paired_verdict((low, high), None, lower_is_better=True), "inconclusive")
                 interval = f" [{low:+.2f}, {high:+.2f}]" if low is not None else ""
                 cells.append(f"{d['mean']:+.2f}{interval} (n={d['n']}): {verdict}")
             rows.append([f"{a} − {b}"] + cells)

@@ -130,7 +130,9 @@ def main() -> int:
         out("\n".join(rows) + "\n\n")
     finished = [s for s in (*nlu.values(), nlg) if s is not None]
     hours = sum(s["compute_seconds"] or 0 for s in finished) / 3600
-    out(f"Compute of the finished comparisons (cell wall time, one CPU thread each): {hours:.2f} h.\n")
+    search = sum((s.get("selection") or {}).get("compute_seconds") or 0 for s in finished) / 3600
+    out(f"Compute of the finished comparisons (cell wall time, one CPU thread each): {hours:.2f} h for the final "
+        f"cells, plus {search:.2f} h for the model selection.\n")
     return 0
 
 

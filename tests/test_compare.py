@@ -24,7 +24,7 @@ from balora.utils import write_json
 RESULT_KEYS = {"schema_version", "cell_id", "grid", "group", "seed", "method", "status", "error", "attempts",
                "metrics", "forgetting", "trainable_parameters", "total_parameters", "adapter_bytes",
                "peak_rss_mb", "cell_peak_rss_mb", "peak_gpu_mb", "train_seconds", "wall_seconds", "global_step",
-               "train_tokens", "data", "run_dir", "config", "versions", "finished_at"}
+               "train_tokens", "data", "run_dir", "trained_in", "config", "versions", "finished_at"}
 
 
 @pytest.fixture(scope="module")

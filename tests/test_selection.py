@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_compare import tiny_assets  # noqa: F401 (a fixture)
 
@@ -218,3 +219,77 @@ def test_per_method_errors_name_the_key(tmp_path, tiny_assets, per_method, messa
 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         build_cells(load_spec(write_spec(tmp_path, tiny_assets, per_method=per_method)))
+
+
+def _adapter_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _checkpointed_spec(tmp_path: Path, assets: Path, selection_seed: int) -> Path:
+    """One candidate, so the choice is known; checkpoints and validation losses as the real specs keep them."""
+    spec = write_spec(tmp_path, assets, selection={"metric": "validation.accuracy", "seeds": [selection_seed],
+                                                   "search": {"all": {"training.learning_rate": [1e-2]}}},
+                      grid={"method": ["ba-lora"], "training.seed": [1, 2]})
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["training"].update(save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    return spec
+
+
+def test_a_final_cell_starts_from_the_search_cell_that_trained_it(tmp_path, tiny_assets):  # noqa: F811
+    """Real tiny runs: the selection seed's final cell evaluates the search cell's final checkpoint instead
+    of training again, and gets the adapter a fresh training of the same configuration gets."""
+    adopted, fresh = tmp_path / "adopted", tmp_path / "fresh"
+    adopted.mkdir(), fresh.mkdir()
+    messages: list[str] = []
+    first = run_compare(_checkpointed_spec(adopted, tiny_assets, 1), show_progress=False, say=messages.append)
+    second = run_compare(_checkpointed_spec(fresh, tiny_assets, 2), show_progress=False, say=lambda m: None)
+    assert first["cells"]["ok"] == second["cells"]["ok"] == 2
+    search_id = "method=ba-lora,training.learning_rate=0.01,training.seed=1"
+    cells = {seed: adopted / "out" / "cells" / f"method=ba-lora,training.seed={seed}" for seed in (1, 2)}
+    result = json.loads((cells[1] / "result.json").read_text())
+    assert result["trained_in"] == f"selection/cells/{search_id}"
+    assert any(f"the search cell selection/cells/{search_id} trained this configuration" in m for m in messages)
+    assert json.loads((cells[2] / "result.json").read_text())["trained_in"] is None  # not a selection seed
+    search_run = adopted / "out" / "selection" / "cells" / search_id / "run"
+    search_metrics = json.loads((search_run / "metrics.json").read_text())
+    metrics = json.loads((cells[1] / "run" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["train_seconds"] == search_metrics["train_seconds"]
+    assert "test" in metrics and "test" not in search_metrics
+    history = json.loads((cells[1] / "run" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "eval_loss" in h] == [1, 2]  # the search's curve comes along
+    # the same model as training it again: the other comparison trained seed 1 in its final cell
+    fresh_cell = fresh / "out" / "cells" / "method=ba-lora,training.seed=1"
+    assert json.loads((fresh_cell / "result.json").read_text())["trained_in"] is None
+    for name, tensor in _adapter_tensors(fresh_cell / "run").items():
+        assert torch.equal(tensor, _adapter_tensors(cells[1] / "run")[name]), name
+    assert metrics["test"] == json.loads((fresh_cell / "run" / "metrics.json").read_text())["test"]
+    # the selection's compute is reported beside the final cells'
+    assert first["selection"]["compute_seconds"] > 0
+    assert "for the model selection." in (adopted / "out" / "summary.md").read_text()
+
+
+def test_a_search_cell_that_trained_differently_is_not_adopted(tmp_path, tiny_assets):  # noqa: F811
+    import dataclasses
+
+    from balora.experiments.grid import build_cells
+    from balora.experiments.runner import _adopt_search_training
+
+    spec_path = _checkpointed_spec(tmp_path, tiny_assets, 1)
+    run_compare(spec_path, show_progress=False, say=lambda m: None)
+    spec = load_spec(spec_path)
+    search = next(c for c in search_cells(spec))
+    cell = build_cells(spec)[0]
+    longer = dataclasses.replace(cell, dir=tmp_path / "other", trained_by=search.run_dir,
+                                 config=dataclasses.replace(cell.config, training={**cell.config.training,
+                                                                                  "max_steps": 3}))
+    messages: list[str] = []
+    assert _adopt_search_training(longer, messages.append) is False
+    assert "trains differently: training.max_steps: 2 -> 3" in messages[0]
+    assert not (tmp_path / "other").exists()
+    same = dataclasses.replace(cell, dir=tmp_path / "same", trained_by=search.run_dir,
+                               config=dataclasses.replace(cell.config, output_dir=str(tmp_path / "same" / "run")))
+    assert _adopt_search_training(same, messages.append) is True
+    assert (tmp_path / "same" / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()

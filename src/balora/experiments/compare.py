@@ -105,6 +105,9 @@ keys instead of mixing results of two configurations.
     train_tokens          prompt + response tokens of the training split (NLG data statistics) or null
     data                  metrics.json's data statistics
     run_dir               "cells/<id>/run", relative to output_dir
+    trained_in            "selection/cells/<id>" when the cell started from the final checkpoint of the
+                          search cell that trained its exact configuration (then only its evaluation ran
+                          here; train_seconds is that search's), else null
     config                the full resolved run configuration
     versions              library versions
     finished_at           ISO 8601 UTC

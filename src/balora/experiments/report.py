@@ -252,8 +252,10 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     if summary.get("selection"):
         plot = next((p for p in plots if Path(p).name == "selection.png"), None)
         lines += ["", render_selection(summary["selection"], plot).rstrip()]
+    search = (summary.get("selection") or {}).get("compute_seconds")
     lines += ["", f"Total compute: {summary['compute_seconds']:.0f} s of cell wall time "
-                  f"({summary['train_seconds']:.0f} s training)."]
+                  f"({summary['train_seconds']:.0f} s training)"
+                  + (f", plus {search:.0f} s for the model selection." if search is not None else ".")]
     if plots:
         lines += ["", "Plots: " + ", ".join(f"[{Path(p).name}]({p})" for p in plots)]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ grid's cells, and the choice is written to ``<output_dir>/selection/selection.js
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import statistics
@@ -37,7 +38,7 @@ from balora.experiments.stats import lookup
 from balora.experiments.store import cell_state, load_result
 from balora.utils import write_json
 
-__all__ = ["SELECTION_DIR", "choose", "render_selection", "search_cells", "selection_complete"]
+__all__ = ["SELECTION_DIR", "choose", "render_selection", "search_cells", "selection_complete", "with_search_training"]
 
 SELECTION_DIR = "selection"
 # what a search cell evaluates: the validation split only
@@ -87,6 +88,24 @@ def search_cells(spec: CompareSpec) -> list[Cell]:
     return cells
 
 
+def with_search_training(spec: CompareSpec, cells: list[Cell], searches: list[Cell],
+                         choices: dict[str, dict[str, Any]]) -> list[Cell]:
+    """``cells`` with `Cell.trained_by` set where a finished search cell trained the same group on the
+    same seed with the chosen values: the final cell of a selection seed repeats that training exactly.
+    Whether the two configurations really train the same model is checked when the cell starts."""
+    finished = {}
+    for search in searches:
+        if cell_state(search) == "ok":
+            key = (search.group, search.config.seed, json.dumps(_candidates(spec, search), sort_keys=True, default=str))
+            finished[key] = search.run_dir
+    out = []
+    for cell in cells:
+        choice = json.dumps(choices.get(cell.group, {}), sort_keys=True, default=str)
+        source = finished.get((cell.group, cell.config.seed, choice))
+        out.append(dataclasses.replace(cell, trained_by=source) if source is not None else cell)
+    return out
+
+
 def _candidates(spec: CompareSpec, cell: Cell) -> dict[str, Any]:
     assert spec.selection is not None
     space = spec.selection.space(cell.config.method)
@@ -108,12 +127,14 @@ def choose(spec: CompareSpec, cells: list[Cell]) -> dict[str, Any]:
     metric = spec.selection.metric
     lower = spec.lower_better(metric)
     groups: dict[str, dict[str, Any]] = {}
+    compute = 0.0
     for cell in cells:
         candidate = _candidates(spec, cell)
         key = json.dumps(candidate, sort_keys=True, default=str)
         entry = groups.setdefault(cell.group, {"candidates": {}})
         row = entry["candidates"].setdefault(key, {"values": candidate, "scores": [], "failed": 0})
         result = load_result(cell)
+        compute += (result or {}).get("wall_seconds") or 0.0
         value = lookup(result, metric) if result and result.get("status") == "ok" else None
         if value is None:
             row["failed"] += 1
@@ -132,6 +153,7 @@ def choose(spec: CompareSpec, cells: list[Cell]) -> dict[str, Any]:
         best = (min if lower else max)(scored, key=lambda r: r["mean"])  # the first listed wins a tie
         out["groups"][group] = {"choice": best["values"], "candidates": rows}
     out["choices"] = {group: entry["choice"] for group, entry in out["groups"].items()}
+    out["compute_seconds"] = compute  # the search cells' wall time: the selection's share of the compute
     return out
 
 

@@ -77,6 +77,49 @@ def paired_rows(summary: dict[str, Any] | None, task: str) -> list[str]:
     return rows
 
 
+# The paper's headline claims (docs/method.md §8, "The paper's headline numbers") and the pairs here that test them
+CLAIMS = [
+    ("NLU: BA-LoRA beats PiSSA (GLUE average 90.67 vs 89.47)", "nlu", ("ba-lora", "pissa")),
+    ("NLU: BA-LoRA beats LoRA (90.67 vs 88.56)", "nlu", ("ba-lora", "lora")),
+    ("NLU: PiSSA beats LoRA (89.47 vs 88.56)", "nlu", ("pissa", "lora")),
+    ("NLG: BA-LoRA beats PiSSA (GSM8K 55.86 vs 51.48)", "nlg", ("ba-lora", "pissa")),
+    ("NLG: BA-LoRA beats LoRA (55.86 vs 42.68)", "nlg", ("ba-lora", "lora")),
+    ("NLG: PiSSA beats LoRA (51.48 vs 42.68)", "nlg", ("pissa", "lora")),
+]
+VERDICTS = {"beats": "reproduced", "is beaten by": "contradicted", "inconclusive": "inconclusive"}
+
+
+def find_pair(summary: dict[str, Any] | None, a: str, b: str) -> dict[str, Any] | None:
+    for p in (summary or {}).get("paired", []):
+        if p["a"] == f"method={a}" and p["b"] == f"method={b}":
+            return p
+    return None
+
+
+def claim_row(claim: str, sources: dict[str, dict[str, Any] | None], pair: tuple[str, str]) -> str:
+    """One claim: the evidence per task (mean difference, t interval, seeds, verdict) and the overall
+    verdict: reproduced / contradicted only when every task agrees, pending while a task is unfinished."""
+    evidence, verdicts = [], []
+    for task, summary in sources.items():
+        p = find_pair(summary, *pair)
+        if p is None:
+            evidence.append(f"{task}: not finished")
+            verdicts.append(None)
+            continue
+        scale, t = p.get("scale", 1), p["t_interval"]
+        evidence.append(f"{task} {p['mean'] * scale:+.2f} [{t[0] * scale:+.2f}, {t[1] * scale:+.2f}], "
+                        f"{p['n']} seeds: {VERDICTS[p['verdict']]}")
+        verdicts.append(VERDICTS[p["verdict"]])
+    done = [v for v in verdicts if v is not None]
+    if len(done) < len(verdicts):
+        overall = "pending" if not done else "pending (so far: " + ", ".join(sorted(set(done))) + ")"
+    elif len(set(done)) == 1:
+        overall = f"**{done[0]}**" + (" at this scale" if done[0] == "inconclusive" else "")
+    else:
+        overall = "mixed: " + ", ".join(sorted(set(done)))
+    return f"| {claim} | {'; '.join(evidence)} | {overall} |"
+
+
 def status(name: str) -> str:
     return f"not finished yet (spec `experiments/{name}.yaml`; results are committed when every cell is done)"
 
@@ -128,6 +171,15 @@ def main() -> int:
             "| A − B | task | seeds | mean Δ | 95 % t | 95 % items | seeds +/− | verdict |\n"
             "|---|---|---|---|---|---|---|---|\n")
         out("\n".join(rows) + "\n\n")
+    out("#### The paper's claims at this scale\n\n"
+        "Each claim against the paired differences above (points of test accuracy, 95 % t interval over seeds); "
+        "reproduced / contradicted only when every task's verdict says so.\n\n"
+        "| the paper's claim | here (A − B, 95 % t) | verdict |\n|---|---|---|\n")
+    for claim, kind, pair in CLAIMS:
+        sources = ({task: nlu[name] for name, task in NLU.items()} if kind == "nlu"
+                   else {"privacy-policy QA as words": nlg})
+        out(claim_row(claim, sources, pair) + "\n")
+    out("\n")
     finished = [s for s in (*nlu.values(), nlg) if s is not None]
     hours = sum(s["compute_seconds"] or 0 for s in finished) / 3600
     search = sum((s.get("selection") or {}).get("compute_seconds") or 0 for s in finished) / 3600

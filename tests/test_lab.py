@@ -193,6 +193,14 @@ def test_lab_imbalance_end_to_end(tmp_path, assets):
     assert (out / "plots" / "imbalance-tiny.png").read_bytes()[:4] == PNG
     assert json.loads((out / "results.json").read_text())["ratios"] == ["1:1", "1:4"]
     assert (out / "tiny" / "summary.md").is_file()
+    # the verdicts: BA-LoRA vs PiSSA per ratio, paired by seed, as in the compare summary
+    paired = json.loads((out / "tiny" / "summary.json").read_text())["paired"]
+    assert task["paired"] == paired and len(paired) == 2  # one pair per ratio
+    by = {(c["ratio"], c["method"], c["seed"]): c["accuracy"] for c in task["cells"]}
+    for entry, ratio in zip(paired, ("1:1", "1:4")):
+        assert entry["diffs"] == pytest.approx({str(s): by[(ratio, "ba-lora", s)] - by[(ratio, "pissa", s)]
+                                                for s in (1, 2)})
+    assert "### Paired differences (per seed)" in readme and readme.count(" vs ") >= 2
 
     before = (out / "tiny" / "cells").stat().st_mtime_ns
     assert main(["lab", "imbalance", str(spec), "--only-report"]) == 0  # nothing re-runs
@@ -228,6 +236,11 @@ def test_lab_noise_end_to_end(tmp_path, assets):
     assert gain["values"] == pytest.approx([by[("ba-lora", s)] - by[("pissa", s)] for s in (1, 2)])
     readme = (out / "README.md").read_text()
     assert "## Design" in readme and "isolates the noise" in readme and "| 40 % |" in readme
+    # the verdicts per level, paired by seed, from each level's compare summary
+    paired = json.loads((out / "downstream" / "noise-0.4" / "summary.json").read_text())["paired"]
+    assert result["paired"]["noise-0.4"] == paired and paired[0]["a"] == "method=ba-lora"
+    assert paired[0]["diffs"] == pytest.approx({str(s): v for s, v in zip((1, 2), gain["values"])})
+    assert "## Paired differences (per seed)" in readme and "| 40 % flipped | ba-lora vs pissa |" in readme
     assert (out / "plots" / "noise.png").read_bytes()[:4] == PNG
 
     marker = out / "checkpoints" / "noise-0.4" / "noise.json"

@@ -18,7 +18,7 @@ from balora.experiments.stats import lookup, separation, stats
 from balora.experiments.store import SCHEMA_VERSION, load_result
 from balora.utils import now_iso, write_json, write_text_atomic
 
-__all__ = ["Say", "render_markdown", "say_print", "summarize", "write_summary"]
+__all__ = ["Say", "paired_section", "render_markdown", "say_print", "summarize", "write_summary"]
 
 Say = Callable[[str], None]
 COST = ("train_seconds", "memory_mb", "adapter_bytes", "trainable_parameters")
@@ -185,19 +185,22 @@ def _interval(interval: list[float] | None, scale: int) -> str:
     return "–" if interval is None else f"[{_signed(interval[0], scale)}, {_signed(interval[1], scale)}]"
 
 
-def _paired_section(entries: list[dict[str, Any]]) -> list[str]:
-    """"Paired differences (per seed)": the rule, then a row per pair; nothing without pairs."""
+def paired_section(entries: list[dict[str, Any]], where: list[str] | None = None, level: str = "##") -> list[str]:
+    """"Paired differences (per seed)": the rule, then a row per pair; nothing without pairs.
+    ``where``: a first column naming each entry's comparison (the lab's noise levels, say)."""
     if not entries:
         return []
-    lines = ["", "## Paired differences (per seed)", "", f"Rule: {VERDICT_RULE} {LOWER_IS_BETTER_NOTE}", "",
+    lines = ["", f"{level} Paired differences (per seed)", "", f"Rule: {VERDICT_RULE} {LOWER_IS_BETTER_NOTE}", "",
              "Δ = A − B on the same seed; mean Δ and intervals in points (×100) for accuracy-like metrics in "
              "[0, 1]. t interval: mean ± t(0.975, n − 1) · sd / √n over the seeds; bootstrap: the test items "
              "resampled, one draw for every seed, 2.5 / 97.5 percentiles.", ""]
     header = ["pair", "metric", "seeds", "mean Δ", "95 % t interval", "95 % bootstrap interval", "seeds +/−",
               "verdict"]
+    if where is not None:
+        header.insert(0, "where")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
-    for e in entries:
+    for i, e in enumerate(entries):
         a, b, scale = short_label(e["a"]), short_label(e["b"]), e["scale"]
         unit = " pts" if scale == 100 else ""
         mean = "–" if e["mean"] is None else _signed(e["mean"], scale) + unit
@@ -210,6 +213,8 @@ def _paired_section(entries: list[dict[str, Any]]) -> list[str]:
         row = [f"{a} vs {b}", f"{e['metric']} {'↓' if e['lower_is_better'] else '↑'}", str(e["n"]), mean,
                _interval(e["t_interval"], scale), boot, f"{e['positive']}/{e['negative']}",
                said.get(e["verdict"], e["verdict"])]
+        if where is not None:
+            row.insert(0, where[i])
         lines.append("| " + " | ".join(row) + " |")
     return lines + ([""] + notes if notes else [])
 
@@ -241,7 +246,7 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
               "their two sample stds (needs n ≥ 2 on both sides); a heuristic, not a significance test. "
               "The best group is compared with the runner-up, every other group with the best.", ""]
     lines += [_group_line(g["label"], summary) for g in groups]
-    lines += _paired_section(summary.get("paired") or [])
+    lines += paired_section(summary.get("paired") or [])
     if summary["failed_cells"]:
         lines += ["", "## Failed cells", ""]
         lines += [f"- {f['cell_id']} ({f['attempts']} attempts): {f['error']} — cells/{f['cell_id']}/result.json"

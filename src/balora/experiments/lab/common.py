@@ -4,13 +4,23 @@ pyplot)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from balora.experiments.spec import LabSpec
+from balora.experiments.spec import CompareSpec, LabSpec
 from balora.experiments.stats import separation, spread_label
+
+
+def compare_paired(cspec: CompareSpec) -> list[dict[str, Any]]:
+    """The paired differences (per seed, t and item-bootstrap intervals, verdict) of a lab task's compare
+    run, from its summary.json; [] before it has one."""
+    path = cspec.output_dir / "summary.json"
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text(encoding="utf-8")).get("paired") or [])
 
 
 def fmt(s: dict[str, Any], digits: int = 3, scale: float = 1.0, sign: bool = False) -> str:

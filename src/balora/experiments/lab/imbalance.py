@@ -30,6 +30,7 @@ from typing import Any
 from balora.experiments.grid import build_cells
 from balora.experiments.lab.common import (
     DIFFERENCE_RULE,
+    compare_paired,
     difference_table,
     figure,
     fmt,
@@ -38,7 +39,7 @@ from balora.experiments.lab.common import (
     regenerate_lines,
     save_figure,
 )
-from balora.experiments.report import Say, say_print
+from balora.experiments.report import Say, paired_section, say_print
 from balora.experiments.runner import run_compare
 from balora.experiments.spec import CompareSpec, LabSpec, load_lab_spec
 from balora.experiments.stats import stats
@@ -157,7 +158,7 @@ def report(spec: LabSpec, ratios: list[Any], methods: list[str], seeds: list[int
         table = tabulate(rows, methods, labels)
         out["tasks"][task] = {"compare_dir": str(cspec.output_dir), "cells": rows, "table": table,
                               "cells_expected": len(ratios) * len(methods) * len(seeds),
-                              "cells_ok": sum(r["status"] == "ok" for r in rows)}
+                              "cells_ok": sum(r["status"] == "ok" for r in rows), "paired": compare_paired(cspec)}
         plots.append(_plot(task, table, methods, labels, spec.output_dir / "plots" / f"imbalance-{task}.png"))
     out["plots"] = [str(p.relative_to(spec.output_dir)) for p in plots]
     write_json(spec.output_dir / "results.json", out)
@@ -200,6 +201,14 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
                   f"**minority recall at {hardest}, differences between methods**", "",
                   *difference_table({m: entry["table"]["minority_recall"][m][hardest] for m in out["methods"]}),
                   "", DIFFERENCE_RULE, ""]
+        # the verdicts: per ratio, paired by seed, from the compare run's summary
+        if entry.get("paired"):
+            rows, where = [], []
+            for e in entry["paired"]:  # group labels "data.imbalance_ratio=1:4, method=ba-lora"
+                a, b = (dict(part.split("=", 1) for part in e[side].split(", ")) for side in ("a", "b"))
+                rows.append({**e, "a": f"method={a.get('method')}", "b": f"method={b.get('method')}"})
+                where.append(a.get(RATIO_KEY, "?"))
+            lines += [*paired_section(rows, where=where, level="###")[1:], ""]
     lines += regenerate_lines("imbalance", spec.path)
     return "\n".join(lines)
 

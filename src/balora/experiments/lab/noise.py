@@ -50,6 +50,7 @@ from balora.core.config import ConfigError
 from balora.experiments.grid import build_cells
 from balora.experiments.lab.common import (
     DIFFERENCE_RULE,
+    compare_paired,
     difference_table,
     figure,
     fmt,
@@ -59,7 +60,7 @@ from balora.experiments.lab.common import (
     save_figure,
 )
 from balora.experiments.lab.pretrain import level_name, make_checkpoints, split_halves
-from balora.experiments.report import Say, say_print
+from balora.experiments.report import Say, paired_section, say_print
 from balora.experiments.runner import run_compare
 from balora.experiments.spec import CompareSpec, LabSpec, load_lab_spec
 from balora.experiments.stats import stats
@@ -184,7 +185,9 @@ def report(setup: _Setup, stage1: dict[str, Any]) -> dict[str, Any]:
            "methods": setup.methods, "seeds": setup.seeds, "gain": {"a": a, "b": b, "by_level": gains},
            "pretrain": setup.pretrain, "base_model": setup.base_model,
            "stage1": {k: {kk: v for kk, v in rec.items() if kk != "losses"} for k, rec in stage1.items()},
-           "accuracy": table, "cells": rows, "finished_at": now_iso()}
+           "accuracy": table, "cells": rows,
+           "paired": {level_name(p): compare_paired(cspec) for p, cspec in setup.compare_specs.items()},
+           "finished_at": now_iso()}
     plot = _plot(setup, table, gains, setup.spec.output_dir / "plots" / "noise.png")
     out["plots"] = [str(plot.relative_to(setup.spec.output_dir))]
     write_json(setup.spec.output_dir / "results.json", out)
@@ -259,6 +262,11 @@ def render(setup: _Setup, out: dict[str, Any]) -> str:
                                        *difference_table({f"{100 * p:g} %": gains[lvl]
                                                           for p, lvl in zip(setup.levels, levels)}),
                                        "", DIFFERENCE_RULE, ""]
+    # the verdicts: per noise level, paired by seed, from each level's compare summary
+    paired = [(f"{100 * p:g} % flipped", e) for p, lvl in zip(setup.levels, levels)
+              for e in (out.get("paired") or {}).get(lvl, [])]
+    if paired:
+        lines += [*paired_section([e for _, e in paired], where=[w for w, _ in paired])[1:], ""]
     lines += regenerate_lines("noise", spec.path)
     return "\n".join(lines)
 

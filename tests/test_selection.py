@@ -251,7 +251,8 @@ def test_a_final_cell_starts_from_the_search_cell_that_trained_it(tmp_path, tiny
     cells = {seed: adopted / "out" / "cells" / f"method=ba-lora,training.seed={seed}" for seed in (1, 2)}
     result = json.loads((cells[1] / "result.json").read_text())
     assert result["trained_in"] == f"selection/cells/{search_id}"
-    assert any(f"the search cell selection/cells/{search_id} trained this configuration" in m for m in messages)
+    assert any(f"selection/cells/{search_id} trained this configuration: starting from its checkpoint-2" in m
+               for m in messages)
     assert json.loads((cells[2] / "result.json").read_text())["trained_in"] is None  # not a selection seed
     search_run = adopted / "out" / "selection" / "cells" / search_id / "run"
     search_metrics = json.loads((search_run / "metrics.json").read_text())
@@ -271,25 +272,53 @@ def test_a_final_cell_starts_from_the_search_cell_that_trained_it(tmp_path, tiny
     assert "for the model selection." in (adopted / "out" / "summary.md").read_text()
 
 
-def test_a_search_cell_that_trained_differently_is_not_adopted(tmp_path, tiny_assets):  # noqa: F811
+def test_a_run_that_trained_differently_is_not_adopted(tmp_path, tiny_assets):  # noqa: F811
     import dataclasses
 
     from balora.experiments.grid import build_cells
-    from balora.experiments.runner import _adopt_search_training
+    from balora.experiments.reuse import adopt_training
 
     spec_path = _checkpointed_spec(tmp_path, tiny_assets, 1)
     run_compare(spec_path, show_progress=False, say=lambda m: None)
     spec = load_spec(spec_path)
     search = next(c for c in search_cells(spec))
     cell = build_cells(spec)[0]
-    longer = dataclasses.replace(cell, dir=tmp_path / "other", trained_by=search.run_dir,
+    longer = dataclasses.replace(cell, dir=tmp_path / "other", trained_by=(search.run_dir,),
                                  config=dataclasses.replace(cell.config, training={**cell.config.training,
                                                                                   "max_steps": 3}))
     messages: list[str] = []
-    assert _adopt_search_training(longer, messages.append) is False
-    assert "trains differently: training.max_steps: 2 -> 3" in messages[0]
+    assert adopt_training(longer, messages.append) is False
+    assert "another configuration (training.max_steps: 2 -> 3)" in messages[0]
     assert not (tmp_path / "other").exists()
-    same = dataclasses.replace(cell, dir=tmp_path / "same", trained_by=search.run_dir,
+    same = dataclasses.replace(cell, dir=tmp_path / "same", trained_by=(longer.run_dir, search.run_dir),
                                config=dataclasses.replace(cell.config, output_dir=str(tmp_path / "same" / "run")))
-    assert _adopt_search_training(same, messages.append) is True
+    assert adopt_training(same, messages.append) is True  # the first candidate that qualifies
     assert (tmp_path / "same" / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_reuse_adopts_the_runs_of_another_comparison(tmp_path, tiny_assets):  # noqa: F811
+    """A spec's `reuse:` names another comparison's output_dir: its cells with this cell's exact training
+    (here the same method and seed, the other's lr being this one's) are adopted; the others train."""
+    first = _checkpointed_spec(tmp_path, tiny_assets, 1)
+    run_compare(first, show_progress=False, say=lambda m: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    data = yaml.safe_load(first.read_text())
+    data.pop("selection")
+    data.update(output_dir=str(other / "out"), reuse=[str(tmp_path / "out")],
+                grid={"method": ["ba-lora", "lora"], "training.seed": [1]})
+    (other / "spec.yaml").write_text(yaml.safe_dump(data))
+    (other / "base.yaml").write_text((tmp_path / "base.yaml").read_text())  # lr 1e-2: the first's choice
+    messages: list[str] = []
+    summary = run_compare(other / "spec.yaml", show_progress=False, say=messages.append)
+    assert summary["cells"]["ok"] == 2 and summary["spec"]["reuse"] == [str(tmp_path / "out")]
+    results = {p.parent.name: json.loads(p.read_text()) for p in (other / "out").glob("cells/*/result.json")}
+    source = "method=ba-lora,training.seed=1"
+    assert results[source]["trained_in"] == f"../../out/cells/{source}"
+    assert results["method=lora,training.seed=1"]["trained_in"] is None  # the other comparison has no lora
+    for name, tensor in _adapter_tensors(tmp_path / "out" / "cells" / source / "run").items():
+        assert torch.equal(tensor, _adapter_tensors(other / "out" / "cells" / source / "run")[name]), name
+    data["reuse"] = [str(tmp_path / "nowhere")]
+    (other / "spec.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"reuse\[0\]: .*nowhere: not the output_dir of a comparison"):
+        load_spec(other / "spec.yaml")

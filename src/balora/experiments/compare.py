@@ -33,6 +33,8 @@ SPEC format
       metric: test.accuracy                        # default: the spec's first metric
       bootstrap: 2000                              # item-bootstrap replicates; 0: the t interval only
       # reference: cr-only                         # instead of pairs: every other variant (or method) vs it
+    reuse: [results/nlu-main-rotten-tomatoes]      # optional: other comparisons' output_dirs whose finished
+                                                   #   runs of a cell's exact training it adopts (below)
 
 ``selection`` (`balora.experiments.selection`): before the grid, every group (the non-seed grid values,
 e.g. one method) trains each candidate of its search space on the selection seeds with
@@ -41,6 +43,11 @@ e.g. one method) trains each candidate of its search space on the selection seed
 validation metric wins (ties: the candidate listed first); the grid's cells of that group then run
 with it. The search cells live in ``<output_dir>/selection/cells/``, resume and shard like the grid's;
 the choice is in ``selection/selection.json`` and the summary (a table and ``plots/selection.png``).
+
+A cell is not trained twice (`balora.experiments.reuse`): the final cell of a selection seed, and a
+cell whose exact training a finished cell of a ``reuse`` comparison did (same method, seed and every
+option that changes training), starts from that run's final checkpoint and only evaluates; its
+result.json says where (``trained_in``). Without such a checkpoint (a fresh clone keeps none) it trains.
 
 ``variants`` is for rows that are not a cartesian product (an ablation: each term alone). It adds a
 grid axis named ``variant``, placed first, whose values are the variant names; a cell applies its

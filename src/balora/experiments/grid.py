@@ -36,10 +36,10 @@ class Cell:
     # where cells with `reference_cache: auto` keep their caches, one per identity (model, data, ...), so
     # that every cell with the same base model and data reads one (docs/design/reference-cache.md)
     reference_cache_root: Path | None = None
-    # the run directory of a finished model-selection cell that trained this cell's exact configuration
-    # (same group, seed and chosen values): the cell starts from its final checkpoint (`balora.experiments.
-    # runner`) instead of training the same model twice
-    trained_by: Path | None = None
+    # run directories of finished runs that may have trained this cell's exact configuration (the search
+    # cell of a selection seed; cells of the comparisons in the spec's `reuse:`): the cell starts from the
+    # final checkpoint of the first that did (`balora.experiments.reuse`) instead of training it again
+    trained_by: tuple[Path, ...] = ()
 
     @property
     def run_dir(self) -> Path:

@@ -7,8 +7,6 @@ replace it with ``monkeypatch.setattr``)."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -18,6 +16,7 @@ from typing import Any
 from balora.core.config import ConfigError
 from balora.experiments.grid import Cell, build_cells
 from balora.experiments.report import Say, say_print, write_summary
+from balora.experiments.reuse import adopt_training, trained_in, with_runs_of
 from balora.experiments.selection import (
     choose,
     search_cells,
@@ -29,7 +28,7 @@ from balora.experiments.spec import CompareSpec, load_spec
 from balora.experiments.store import SCHEMA_VERSION, cell_state, check_stale, claim, quarantine_result, release
 from balora.training.faults import maybe_fail
 from balora.training.run_config import RunConfig
-from balora.utils import current_peak_rss_mb, now_iso, read_json, read_status, reset_peak_rss, versions, write_json
+from balora.utils import current_peak_rss_mb, now_iso, reset_peak_rss, versions, write_json
 
 __all__ = ["CallbackFactory", "run_cell", "run_compare"]
 
@@ -55,58 +54,13 @@ def _peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-TRAINED_IN_FILE = "trained_in.json"  # in a cell's run directory: the search cell whose training it took over
-
-
-def _adopt_search_training(cell: Cell, say: Say) -> bool:
-    """Start a fresh cell from the final checkpoint of the search cell that trained its configuration
-    (`Cell.trained_by`), so that only its evaluation runs. With a fixed seed the training is the same
-    computation (the privacy-policy PiSSA seed-1 search and final cells, trained separately, logged equal
-    losses and validation losses at every step), so running it twice buys nothing. Adopted only when the
-    configurations differ in nothing but where the run lives and what it evaluates (the rules of
-    ``--resume``, without its "train for longer"), and the search ended at the budget's last step."""
-    from balora.training import run as run_module  # torch and transformers: only when a cell trains
-    from balora.training.trainer import checkpoint_step, latest_complete_checkpoint
-
-    source = cell.trained_by
-    if source is None or (cell.run_dir.is_dir() and any(cell.run_dir.iterdir())):
-        return False
-    refused, allowed = run_module.resume_differences(cell.config, source)
-    grows = [t for t in allowed if t.split(":")[0] in run_module.RESUME_MAY_GROW]
-    status = read_status(source) or {}
-    trained = status.get("trained") if status.get("state") == "finished" else None
-    found, _ = latest_complete_checkpoint(source / "checkpoints")
-    why = ("its configuration trains differently: " + "; ".join((refused + grows)[:3]) if refused or grows else
-           "it kept no complete checkpoint" if found is None else
-           "its last checkpoint is not its final step" if not trained or
-           trained.get("global_step") != checkpoint_step(found) else None)
-    if why is not None:
-        say(f"  not starting from the search cell {source.parent.name}: {why}; training")
-        return False
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(found, cell.run_dir / "checkpoints" / found.name)
-    shutil.copy2(source / "config.yaml", cell.run_dir / "config.yaml")
-    # the trained record carries the search's training time and final log into this run's metrics
-    write_json(cell.run_dir / "status.json", {"state": "adopted", "phase": "preparing", "trained": trained,
-                                             "adopted_from": str(source), "updated_at": now_iso()})
-    where = os.path.relpath(source.parent, cell.dir.parent.parent)
-    write_json(cell.run_dir / TRAINED_IN_FILE, {"trained_in": where, "checkpoint": found.name})
-    say(f"  the search cell {where} trained this configuration: starting from its {found.name}")
-    return True
-
-
-def _trained_in(cell: Cell) -> str | None:
-    path = cell.run_dir / TRAINED_IN_FILE
-    return read_json(path).get("trained_in") if path.is_file() else None
-
-
 def _train(cell: Cell, callbacks: CallbackFactory | None, show_progress: bool, say: Say) -> dict[str, Any]:
     """Train the cell, resuming a killed run from its checkpoint; reuse a finished run's metrics."""
     from balora.training import run as run_module  # torch and transformers: only when a cell trains
 
     metrics = run_module.finished_metrics(cell.run_dir)
     if metrics is None:
-        _adopt_search_training(cell, say)
+        adopt_training(cell, say)
     if metrics is not None:  # status.json says finished: only what follows training failed
         say(f"  training already finished in {cell.run_dir}; reusing its metrics.json")
         return metrics
@@ -190,7 +144,7 @@ def run_cell(cell: Cell, *, retries: int = 1, show_progress: bool = True, callba
             say(f"  attempt {attempt} failed: {type(error).__name__}: {error}")
             continue
         _fill_ok(result, cell, metrics, evaluation)
-        result["trained_in"] = _trained_in(cell)
+        result["trained_in"] = trained_in(cell)
         break
     result["cell_peak_rss_mb"] = current_peak_rss_mb()
     result["peak_gpu_mb"] = _peak_gpu_mb()
@@ -308,6 +262,8 @@ def run_compare(spec: CompareSpec | str | Path, *, retries: int = 1, dry_run: bo
     cells = build_cells(spec, selection["choices"] if selection else None)
     if selection is not None:
         cells = with_search_training(spec, cells, searches, selection["choices"])
+    if spec.reuse:
+        cells = with_runs_of(cells, spec.reuse)
     if dry_run:
         return {"cells": _list_cells(spec, cells, say)}
     check_stale(cells)

@@ -92,7 +92,8 @@ def with_search_training(spec: CompareSpec, cells: list[Cell], searches: list[Ce
                          choices: dict[str, dict[str, Any]]) -> list[Cell]:
     """``cells`` with `Cell.trained_by` set where a finished search cell trained the same group on the
     same seed with the chosen values: the final cell of a selection seed repeats that training exactly.
-    Whether the two configurations really train the same model is checked when the cell starts."""
+    Whether the two configurations really train the same model is checked when the cell starts
+    (`balora.experiments.reuse`)."""
     finished = {}
     for search in searches:
         if cell_state(search) == "ok":
@@ -102,7 +103,7 @@ def with_search_training(spec: CompareSpec, cells: list[Cell], searches: list[Ce
     for cell in cells:
         choice = json.dumps(choices.get(cell.group, {}), sort_keys=True, default=str)
         source = finished.get((cell.group, cell.config.seed, choice))
-        out.append(dataclasses.replace(cell, trained_by=source) if source is not None else cell)
+        out.append(dataclasses.replace(cell, trained_by=(source,)) if source is not None else cell)
     return out
 
 

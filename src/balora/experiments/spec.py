@@ -22,7 +22,7 @@ __all__ = ["CompareSpec", "Fields", "LabSpec", "load_lab_spec", "load_spec", "re
 Kind = type | tuple[type, ...]
 
 SPEC_KEYS = ("name", "base", "base_config", "output_dir", "grid", "variants", "per_method", "overrides", "metrics",
-             "lower_is_better", "selection", "paired")
+             "lower_is_better", "selection", "paired", "reuse")
 LAB_KEYS = ("experiment", "name", "output_dir", "paper")  # every lab spec may set these
 VARIANT_KEY = "variant"
 DEFAULT_LOWER_IS_BETTER = ["loss", "perplexity", "cross_entropy", "forgetting", "train_seconds",
@@ -225,6 +225,8 @@ class CompareSpec:
     selection: SelectionSpec | None = None
     paired: PairedSpec = field(default_factory=PairedSpec)
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # output directories of other comparisons whose finished runs a cell may adopt (`balora.experiments.reuse`)
+    reuse: list[Path] = field(default_factory=list)
 
     def lower_better(self, metric: str) -> bool:
         """Whether a lower value of ``metric`` is better (an entry equal to it or ending it)."""
@@ -236,6 +238,7 @@ class CompareSpec:
                 "variants": self.variants, "overrides": self.overrides, "metrics": self.metrics,
                 "lower_is_better": self.lower_is_better, "base_config": self.base, "source": self.source,
                 **({"per_method": self.per_method} if self.per_method else {}),
+                **({"reuse": [str(d) for d in self.reuse]} if self.reuse else {}),
                 **({"selection": self.selection.to_dict()} if self.selection else {}),
                 "paired": self.paired.to_dict()}
 
@@ -316,6 +319,18 @@ def _per_method(spec: Fields, selection: SelectionSpec | None) -> dict[str, dict
     return parsed
 
 
+def _reuse(spec: Fields, output_dir: str) -> list[Path]:
+    """``reuse``: output directories of other comparisons (paths as for output_dir); each must exist."""
+    dirs = [Path(d) for d in spec.list_of("reuse", str, [], nonempty=False)]
+    for i, d in enumerate(dirs):
+        if d == Path(output_dir):
+            raise spec.error(f"reuse[{i}]", f"{d} is this comparison's own output_dir")
+        if not (d / "cells").is_dir():
+            raise spec.error(f"reuse[{i}]", f"{d}: not the output_dir of a comparison (no {d / 'cells'}); name "
+                                            "the output_dir of a comparison that has run, or remove it")
+    return dirs
+
+
 def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<spec>",
                    default_name: str = "compare") -> CompareSpec:
     """Check a spec mapping (unknown keys, types, the base config) and return a `CompareSpec`."""
@@ -341,7 +356,7 @@ def spec_from_dict(data: Any, *, spec_dir: Path | None = None, source: str = "<s
                        metrics=spec.list_of("metrics", str, [], nonempty=False),
                        lower_is_better=spec.list_of("lower_is_better", str, DEFAULT_LOWER_IS_BETTER, nonempty=False),
                        source=source, variants=variants, selection=selection, paired=_paired(spec),
-                       per_method=_per_method(spec, selection))
+                       per_method=_per_method(spec, selection), reuse=_reuse(spec, output_dir))
 
 
 def load_spec(path: str | Path) -> CompareSpec:

@@ -63,6 +63,15 @@ def majority_share(name: str) -> str:
     return "–"
 
 
+# paired metrics other than a task's accuracy, as the tables name them
+METRIC_NAMES = {"forgetting": "forgetting ↓ (Δ XSum CE, nats)", "eval.piqa.accuracy": "PIQA accuracy"}
+
+
+def number(value: float, scale: float) -> str:
+    """A difference: points (scale 100) to 2 decimals, anything else (nats) to 4."""
+    return f"{value * scale:+.2f}" if scale == 100 else f"{value * scale:+.4f}"
+
+
 def paired_rows(summary: dict[str, Any] | None, task: str) -> list[str]:
     rows = []
     for p in (summary or {}).get("paired", []):
@@ -70,14 +79,16 @@ def paired_rows(summary: dict[str, Any] | None, task: str) -> list[str]:
         a, b = (NAMES.get(x.split("=", 1)[-1], x.split("=", 1)[-1]) for x in (p["a"], p["b"]))
         t = p["t_interval"]
         boot = p.get("bootstrap")
-        rows.append(f"| {a} − {b} | {task} | {p['n']} | {p['mean'] * scale:+.2f} | "
-                    f"[{t[0] * scale:+.2f}, {t[1] * scale:+.2f}] | "
-                    + (f"[{boot[0] * scale:+.2f}, {boot[1] * scale:+.2f}]" if boot else "–")
+        where = f"{task}, {METRIC_NAMES[p['metric']]}" if p.get("metric") in METRIC_NAMES else task
+        rows.append(f"| {a} − {b} | {where} | {p['n']} | {number(p['mean'], scale)} | "
+                    f"[{number(t[0], scale)}, {number(t[1], scale)}] | "
+                    + (f"[{number(boot[0], scale)}, {number(boot[1], scale)}]" if boot else "–")
                     + f" | {p['positive']}/{p['negative']} | {p['verdict']} |")
     return rows
 
 
-# The paper's headline claims (docs/method.md §8, "The paper's headline numbers") and the pairs here that test them
+# The paper's headline claims (docs/method.md §8, "The paper's headline numbers"), and the reviewers'
+# question whether forgetting is reduced, with the kind of evidence and the pair here that test them
 CLAIMS = [
     ("NLU: BA-LoRA beats PiSSA (GLUE average 90.67 vs 89.47)", "nlu", ("ba-lora", "pissa")),
     ("NLU: BA-LoRA beats LoRA (90.67 vs 88.56)", "nlu", ("ba-lora", "lora")),
@@ -85,29 +96,33 @@ CLAIMS = [
     ("NLG: BA-LoRA beats PiSSA (GSM8K 55.86 vs 51.48)", "nlg", ("ba-lora", "pissa")),
     ("NLG: BA-LoRA beats LoRA (55.86 vs 42.68)", "nlg", ("ba-lora", "lora")),
     ("NLG: PiSSA beats LoRA (51.48 vs 42.68)", "nlg", ("pissa", "lora")),
+    ("NLG: BA-LoRA forgets less than PiSSA (the consistency term's purpose; asked by the reviewers)",
+     "forgetting", ("ba-lora", "pissa")),
 ]
 VERDICTS = {"beats": "reproduced", "is beaten by": "contradicted", "inconclusive": "inconclusive"}
 
 
-def find_pair(summary: dict[str, Any] | None, a: str, b: str) -> dict[str, Any] | None:
+def find_pair(summary: dict[str, Any] | None, a: str, b: str, metric: str | None = None) -> dict[str, Any] | None:
+    """The summary's paired entry A − B: for ``metric``, or (None) the first one, the task's accuracy."""
     for p in (summary or {}).get("paired", []):
-        if p["a"] == f"method={a}" and p["b"] == f"method={b}":
+        if p["a"] == f"method={a}" and p["b"] == f"method={b}" and metric in (None, p.get("metric")):
             return p
     return None
 
 
-def claim_row(claim: str, sources: dict[str, dict[str, Any] | None], pair: tuple[str, str]) -> str:
-    """One claim: the evidence per task (mean difference, t interval, seeds, verdict) and the overall
-    verdict: reproduced / contradicted only when every task agrees, pending while a task is unfinished."""
+def claim_row(claim: str, sources: dict[str, tuple[dict[str, Any] | None, str | None]], pair: tuple[str, str]) -> str:
+    """One claim: the evidence per task (task -> its summary and paired metric; mean difference, t interval,
+    seeds, verdict) and the overall verdict: reproduced / contradicted only when every task agrees,
+    pending while a task is unfinished."""
     evidence, verdicts = [], []
-    for task, summary in sources.items():
-        p = find_pair(summary, *pair)
+    for task, (summary, metric) in sources.items():
+        p = find_pair(summary, *pair, metric)
         if p is None:
             evidence.append(f"{task}: not finished")
             verdicts.append(None)
             continue
         scale, t = p.get("scale", 1), p["t_interval"]
-        evidence.append(f"{task} {p['mean'] * scale:+.2f} [{t[0] * scale:+.2f}, {t[1] * scale:+.2f}], "
+        evidence.append(f"{task} {number(p['mean'], scale)} [{number(t[0], scale)}, {number(t[1], scale)}], "
                         f"{p['n']} seeds: {VERDICTS[p['verdict']]}")
         verdicts.append(VERDICTS[p["verdict"]])
     done = [v for v in verdicts if v is not None]
@@ -172,12 +187,14 @@ def main() -> int:
             "|---|---|---|---|---|---|---|---|\n")
         out("\n".join(rows) + "\n\n")
     out("#### The paper's claims at this scale\n\n"
-        "Each claim against the paired differences above (points of test accuracy, 95 % t interval over seeds); "
+        "Each claim against the paired differences above (points of accuracy, or nats of XSum cross-entropy; 95 % t "
+        "interval over seeds); "
         "reproduced / contradicted only when every task's verdict says so.\n\n"
         "| the paper's claim | here (A − B, 95 % t) | verdict |\n|---|---|---|\n")
     for claim, kind, pair in CLAIMS:
-        sources = ({task: nlu[name] for name, task in NLU.items()} if kind == "nlu"
-                   else {"privacy-policy QA as words": nlg})
+        sources = ({task: (nlu[name], None) for name, task in NLU.items()} if kind == "nlu"
+                   else {"privacy-policy QA as words": (nlg, None)} if kind == "nlg"
+                   else {"XSum CE (nats)": (nlg, "forgetting"), "PIQA": (nlg, "eval.piqa.accuracy")})
         out(claim_row(claim, sources, pair) + "\n")
     out("\n")
     finished = [s for s in (*nlu.values(), nlg) if s is not None]

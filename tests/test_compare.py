@@ -347,6 +347,17 @@ def test_paired_differences_per_seed_give_the_verdict(tmp_path, tiny_assets, use
     assert ("- ba-lora vs lora: no bootstrap (no per-item scores: no "
             "cells/method=lora,training.seed=1/run/predictions/test.json)") in md
 
+    # several metrics: every pair for each, in the order given (mcc has no per-item scores: t only)
+    data["paired"] = {"pairs": [["ba-lora", "lora"], ["dora", "lora"]], "metric": ["test.accuracy", "test.mcc"],
+                      "bootstrap": 0}
+    spec.write_text(yaml.safe_dump(data))
+    summary = run_compare(spec, only_summary=True, say=lambda m: None)
+    assert [(p["a"][7:], p["b"][7:], p["metric"]) for p in summary["paired"]] == [
+        ("ba-lora", "lora", "test.accuracy"), ("dora", "lora", "test.accuracy"),
+        ("ba-lora", "lora", "test.mcc"), ("dora", "lora", "test.mcc")]
+    assert summary["paired"][2]["diffs"] == {"1": 0.0, "2": 0.0, "3": 0.0}
+    assert summary["paired"][2]["verdict"] == "inconclusive" and summary["paired"][0]["verdict"] == "beats"
+
     # the default pairs: (ba-lora, lora) among these methods; and no pairs, no section
     data.pop("paired")
     spec.write_text(yaml.safe_dump(data))
@@ -367,6 +378,7 @@ def test_paired_differences_per_seed_give_the_verdict(tmp_path, tiny_assets, use
     ({"reference": "dora"}, r"spec.yaml: paired.reference: 'dora' is not one of the methods: lora, ba-lora"),
     ({"bootstrap": -1}, r"paired.bootstrap: expected a number of replicates >= 0"),
     ({"metric": 3}, r"paired.metric: expected a string, got 3"),
+    ({"metric": ["test.accuracy", 3]}, r"paired.metric\[1\]: expected a string, got 3"),
     ({"pair": [["a", "b"]]}, r"spec.yaml: paired.pair: unknown key; known: pairs, metric, bootstrap, reference"),
 ])
 def test_paired_spec_errors(tmp_path, tiny_assets, paired, message):

@@ -24,7 +24,7 @@ def summary(verdict: str, mean: float = 0.01) -> dict:
     ([None, None], "pending"),
 ])
 def test_a_claim_holds_only_when_every_task_agrees(verdicts, overall):
-    sources = {f"task{i}": summary(v) if v else None for i, v in enumerate(verdicts)}
+    sources = {f"task{i}": (summary(v) if v else None, None) for i, v in enumerate(verdicts)}
     row = headline.claim_row("claim", sources, ("ba-lora", "pissa"))
     assert row.endswith(f"| {overall} |")
     if verdicts[0]:
@@ -32,5 +32,13 @@ def test_a_claim_holds_only_when_every_task_agrees(verdicts, overall):
 
 
 def test_a_pair_the_summary_lacks_is_not_finished():
-    row = headline.claim_row("claim", {"t": summary("beats")}, ("ba-lora", "lora"))
+    row = headline.claim_row("claim", {"t": (summary("beats"), None)}, ("ba-lora", "lora"))
     assert "t: not finished" in row and row.endswith("| pending |")
+
+
+def test_a_claim_on_another_metric_reads_that_metrics_entry():
+    entries = summary("inconclusive")["paired"] + [{**summary("beats", mean=-0.0123)["paired"][0],
+                                                    "metric": "forgetting", "scale": 1}]
+    row = headline.claim_row("forgets less", {"XSum": ({"paired": entries}, "forgetting")}, ("ba-lora", "pissa"))
+    assert "XSum -0.0123 [-0.0173, -0.0073], 5 seeds: reproduced" in row and row.endswith("| **reproduced** |")
+    assert "+1.00" in headline.claim_row("acc", {"t": ({"paired": entries}, None)}, ("ba-lora", "pissa"))

@@ -30,7 +30,7 @@ SPEC format
         dora: {training.learning_rate: [1e-3, 2e-3, 5e-3]}
     paired:                                        # optional: groups compared seed by seed (below)
       pairs: [[ba-lora, pissa], [ba-lora, lora], [pissa, lora]]  # group labels, or values of one grid axis
-      metric: test.accuracy                        # default: the spec's first metric
+      metric: test.accuracy                        # default: the spec's first metric; a list: each
       bootstrap: 2000                              # item-bootstrap replicates; 0: the t interval only
       # reference: cr-only                         # instead of pairs: every other variant (or method) vs it
     reuse: [results/nlu-main-rotten-tomatoes]      # optional: other comparisons' output_dirs whose finished

@@ -76,10 +76,15 @@ def _paired(spec: CompareSpec, cells: list[Cell], results: dict[str, dict[str, A
             metrics: list[str]) -> list[dict[str, Any]]:
     """One entry per pair of the ``paired:`` block: per-seed differences, t and item-bootstrap intervals,
     verdict (`balora.experiments.paired`)."""
-    metric = spec.paired.metric or (metrics[0] if metrics else None)
     pairs = paired_groups(spec, cells)
-    if metric is None or not pairs:
-        return []
+    entries: list[dict[str, Any]] = []
+    for metric in spec.paired.metrics(metrics) if pairs else []:
+        entries += _paired_metric(spec, cells, results, pairs, metric)
+    return entries
+
+
+def _paired_metric(spec: CompareSpec, cells: list[Cell], results: dict[str, dict[str, Any]],
+                   pairs: list[tuple[str, str]], metric: str) -> list[dict[str, Any]]:
     by_group: dict[str, dict[str, tuple[float | None, Path]]] = {}
     for cell in cells:
         result = results.get(cell.id)

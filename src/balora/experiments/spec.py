@@ -178,9 +178,15 @@ class PairedSpec:
     """The ``paired:`` block: which groups are compared seed by seed (`balora.experiments.paired`)."""
 
     pairs: list[list[str]] | None = None  # None: the default pairs (reference, else the methods)
-    metric: str | None = None  # None: the spec's first metric
+    metric: str | list[str] | None = None  # None: the spec's first metric; a list: each of them
     bootstrap: int = DEFAULT_BOOTSTRAP  # replicates of the item bootstrap; 0: the t interval only
     reference: str | None = None  # a variant (else a method): every other one against it
+
+    def metrics(self, default: list[str]) -> list[str]:
+        """The metrics compared: ``metric`` (one or a list), else the first of ``default``."""
+        if self.metric is None:
+            return default[:1]
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pairs": self.pairs, "metric": self.metric, "bootstrap": self.bootstrap, "reference": self.reference}
@@ -205,7 +211,12 @@ def _paired(spec: Fields) -> PairedSpec:
     bootstrap = block.value("bootstrap", int, DEFAULT_BOOTSTRAP)
     if bootstrap < 0:
         raise block.error("bootstrap", f"expected a number of replicates >= 0 (0: t interval only), got {bootstrap}")
-    return PairedSpec(pairs=pairs, metric=block.value("metric", str), bootstrap=bootstrap,
+    metric = block.data.get("metric")
+    if isinstance(metric, list):
+        metric = block.list_of("metric", str)
+    elif metric is not None:
+        metric = block.value("metric", str)
+    return PairedSpec(pairs=pairs, metric=metric, bootstrap=bootstrap,
                       reference=None if reference is None else _pair_name(reference))
 
 

@@ -195,12 +195,20 @@ def test_lab_imbalance_end_to_end(tmp_path, assets):
     assert (out / "tiny" / "summary.md").is_file()
     # the verdicts: BA-LoRA vs PiSSA per ratio, paired by seed, as in the compare summary
     paired = json.loads((out / "tiny" / "summary.json").read_text())["paired"]
-    assert task["paired"] == paired and len(paired) == 2  # one pair per ratio
+    assert task["paired"][:2] == paired and len(paired) == 2  # one pair per ratio
     by = {(c["ratio"], c["method"], c["seed"]): c["accuracy"] for c in task["cells"]}
     for entry, ratio in zip(paired, ("1:1", "1:4")):
         assert entry["diffs"] == pytest.approx({str(s): by[(ratio, "ba-lora", s)] - by[(ratio, "pissa", s)]
                                                 for s in (1, 2)})
-    assert "### Paired differences (per seed)" in readme and readme.count(" vs ") >= 2
+    # and the recall of the class made rare ("pos"; the balanced test split's own "minority" is a tie)
+    rare = task["paired"][2:]
+    assert [e["metric"] for e in rare] == ["test.rare_class.recall"] * 2 and rare[1]["a"].startswith(
+        "data.imbalance_ratio=1:4")
+    recall = {(c["ratio"], c["method"], c["seed"]): c["minority_recall"] for c in task["cells"]}
+    assert rare[1]["diffs"] == pytest.approx({str(s): recall[("1:4", "ba-lora", s)] - recall[("1:4", "pissa", s)]
+                                              for s in (1, 2)})
+    assert rare[1]["bootstrap"] is None and rare[1]["scale"] == 100
+    assert "### Paired differences (per seed)" in readme and "| 1:4 | ba-lora vs pissa | test.rare_class.recall ↑ |" in readme
 
     before = (out / "tiny" / "cells").stat().st_mtime_ns
     assert main(["lab", "imbalance", str(spec), "--only-report"]) == 0  # nothing re-runs

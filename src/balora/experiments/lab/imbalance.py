@@ -39,6 +39,7 @@ from balora.experiments.lab.common import (
     regenerate_lines,
     save_figure,
 )
+from balora.experiments.paired import DEFAULT_METHOD_PAIRS, compare_pair
 from balora.experiments.report import Say, paired_section, say_print
 from balora.experiments.runner import run_compare
 from balora.experiments.spec import CompareSpec, LabSpec, load_lab_spec
@@ -52,6 +53,7 @@ TASK_KEYS = ("base", "base_config", "overrides", "grid", "per_method")
 METRICS = {"minority_recall": "minority recall", "balanced_accuracy": "balanced accuracy",
            "auroc": "AUROC (threshold-free)", "macro_f1": "macro-F1", "accuracy": "accuracy"}
 RATIO_KEY = "data.imbalance_ratio"
+RARE_RECALL = "test.rare_class.recall"  # the recall of the class made rare in training, as a paired metric
 
 
 def _ratio_label(value: Any) -> str:
@@ -82,7 +84,9 @@ def _setup(spec: LabSpec) -> tuple[list[Any], list[str], list[int], dict[str, Co
             f"tasks.{name}", mapping, name=f"imbalance-{name}", output_dir=spec.output_dir / name,
             grid={RATIO_KEY: ratios, "method": methods, "training.seed": seeds},
             overrides=["data.balance_test=true"],
-            metrics=["test.accuracy", "test.macro_f1", "test.minority_recall", "test.auroc"])
+            # not test.minority_recall: the test split is balanced, so its "minority" is a tie, not the
+            # class made rare in training (cell_row reads that one's recall)
+            metrics=["test.accuracy", "test.balanced_accuracy", "test.macro_f1", "test.auroc"])
     return ratios, methods, seeds, specs
 
 
@@ -116,6 +120,22 @@ def cell_row(result: dict[str, Any], run_dir: Path | None = None) -> dict[str, A
             "accuracy": test.get("accuracy"), "train_counts": imbalance.get("counts_after"),
             "test_counts": (result.get("data", {}).get("class_counts") or {}).get("test"),
             "train_seconds": result.get("train_seconds")}
+
+
+def rare_class_pairs(rows: list[dict[str, Any]], methods: list[str], ratios: list[str]) -> list[dict[str, Any]]:
+    """The recall of the class made rare, compared seed by seed per ratio (the default method pairs),
+    as the compare summaries record a paired entry; t interval only: a recall has no per-item score."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    entries = []
+    for ratio in ratios:
+        for a, b in [p for p in DEFAULT_METHOD_PAIRS if p[0] in methods and p[1] in methods]:
+            values = [{r["seed"]: r["minority_recall"] for r in ok if r["method"] == m and r["ratio"] == ratio}
+                      for m in (a, b)]
+            entry = compare_pair(*values, metric=RARE_RECALL, samples=0)
+            entry["bootstrap_note"] = "a recall has no per-item score: t interval only"
+            entries.append({"a": f"{RATIO_KEY}={ratio}, method={a}", "b": f"{RATIO_KEY}={ratio}, method={b}",
+                            **entry})
+    return entries
 
 
 def tabulate(rows: list[dict[str, Any]], methods: list[str], ratios: list[str]) -> dict[str, Any]:
@@ -158,7 +178,8 @@ def report(spec: LabSpec, ratios: list[Any], methods: list[str], seeds: list[int
         table = tabulate(rows, methods, labels)
         out["tasks"][task] = {"compare_dir": str(cspec.output_dir), "cells": rows, "table": table,
                               "cells_expected": len(ratios) * len(methods) * len(seeds),
-                              "cells_ok": sum(r["status"] == "ok" for r in rows), "paired": compare_paired(cspec)}
+                              "cells_ok": sum(r["status"] == "ok" for r in rows),
+                              "paired": compare_paired(cspec) + rare_class_pairs(rows, methods, labels)}
         plots.append(_plot(task, table, methods, labels, spec.output_dir / "plots" / f"imbalance-{task}.png"))
     out["plots"] = [str(p.relative_to(spec.output_dir)) for p in plots]
     write_json(spec.output_dir / "results.json", out)
@@ -201,13 +222,14 @@ def render(spec: LabSpec, out: dict[str, Any]) -> str:
                   f"**minority recall at {hardest}, differences between methods**", "",
                   *difference_table({m: entry["table"]["minority_recall"][m][hardest] for m in out["methods"]}),
                   "", DIFFERENCE_RULE, ""]
-        # the verdicts: per ratio, paired by seed, from the compare run's summary
+        # the verdicts: per ratio, paired by seed — test accuracy (= balanced accuracy here) from the
+        # compare run's summary, and the recall of the class made rare
         if entry.get("paired"):
             rows, where = [], []
             for e in entry["paired"]:  # group labels "data.imbalance_ratio=1:4, method=ba-lora"
                 a, b = (dict(part.split("=", 1) for part in e[side].split(", ")) for side in ("a", "b"))
                 rows.append({**e, "a": f"method={a.get('method')}", "b": f"method={b.get('method')}"})
-                where.append(a.get(RATIO_KEY, "?"))
+                where.append(_ratio_label(a.get(RATIO_KEY, "?")))
             lines += [*paired_section(rows, where=where, level="###")[1:], ""]
     lines += regenerate_lines("imbalance", spec.path)
     return "\n".join(lines)

@@ -25,8 +25,7 @@ run_spec() {  # one spec in PROCS processes; fails if any of them fails
         if [[ "$name" == lab:* ]]; then
             local spec="${name#lab:}" kind="${name#lab:}"
             kind="${kind%%-*}"  # imbalance-selected -> imbalance
-            # the bias probe evaluates finished runs one after another: one process
-            if [ "$kind" = bias ] && [ "$i" -gt 1 ]; then continue; fi
+            # the processes share the cells (imbalance, noise) or the models to evaluate (bias) by claims
             .venv/bin/balora lab "$kind" "experiments/lab/$spec.yaml" --threads "$THREADS" --no-progress &
         else
             .venv/bin/balora compare "experiments/$name.yaml" --shard "$i/$PROCS" --threads "$THREADS" \

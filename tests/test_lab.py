@@ -316,6 +316,30 @@ def test_lab_bias_end_to_end(tmp_path, assets):
         run_lab("bias", spec, **QUIET)
 
 
+def test_lab_bias_processes_share_the_models(tmp_path, assets):
+    """A model another live process is evaluating is skipped (two `balora lab bias` share the models);
+    a claim left by a dead process is taken over."""
+    import os
+
+    compare_dir = _nlg_compare(tmp_path, assets, {"method": ["lora"], "training.seed": [1]})
+    out = tmp_path / "bias"
+    data = {"crows_pairs": str(assets / "crows.jsonl")}
+    spec = _spec(tmp_path, {"experiment": "bias", "output_dir": str(out), "base_model": str(assets / "tiny-llama"),
+                            "compare_dirs": [str(compare_dir)], "tasks": ["crows_pairs"], "limit": 2,
+                            "batch_size": 4, "data": data, "device": "cpu"})
+    (out / "evals" / "base").mkdir(parents=True)
+    (out / "evals" / "base" / "running.pid").write_text(str(os.getppid()))  # a live process holds the base
+    messages: list[str] = []
+    result = run_lab("bias", spec, show_progress=False, say=messages.append)
+    assert any("base: being evaluated by process" in m for m in messages)
+    assert not (out / "evals" / "base" / "eval.json").exists()
+    assert [m["evaluated"] for m in result["models"]] == [False, True]
+    assert list((out / "evals").rglob("running.pid")) == [out / "evals" / "base" / "running.pid"]  # run's released
+    (out / "evals" / "base" / "running.pid").write_text("999999999")  # its process is gone
+    result = run_lab("bias", spec, **QUIET)
+    assert all(m["evaluated"] for m in result["models"]) and not list((out / "evals").rglob("running.pid"))
+
+
 def test_paired_item_change_against_a_naive_bootstrap():
     from balora.experiments.lab.bias import paired_item_change
 

@@ -18,7 +18,8 @@ from balora.experiments.grid import Cell
 from balora.training.run_config import run_config_from_dict
 from balora.utils import CorruptFileError, config_differences, pid_alive, quarantine, read_json
 
-__all__ = ["SCHEMA_VERSION", "cell_state", "check_stale", "claim", "load_result", "quarantine_result", "release"]
+__all__ = ["SCHEMA_VERSION", "cell_state", "check_stale", "claim", "claim_dir", "load_result", "quarantine_result",
+           "release", "release_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +103,26 @@ def check_stale(cells: list[Cell]) -> None:
 
 
 # ---------------------------------------------------------------------------- claims
-def _claim_path(cell: Cell) -> Path:
-    return cell.dir / "running.pid"
+CLAIM_FILE = "running.pid"
 
 
 def claim(cell: Cell) -> int | None:
-    """Mark ``cell`` as run by this process; returns the pid of another live process that holds it.
+    """Mark ``cell`` as run by this process; returns the pid of another live process that holds it
+    (`claim_dir` on the cell's directory).
 
     Several ``balora compare`` processes can then share one grid (one per GPU or core) and each cell
     runs once. The claim is a pid file created atomically (O_EXCL); one left by a dead process
     (killed, crashed machine) is taken over, so a kill never blocks a cell. Assumes the processes
     share one machine (pids are local).
     """
-    path = _claim_path(cell)
+    return claim_dir(cell.dir)
+
+
+def claim_dir(directory: Path) -> int | None:
+    """Mark the work kept in ``directory`` (a cell, a model the bias lab evaluates) as done by this
+    process: ``directory/running.pid`` (CLAIM_FILE), created atomically; returns the pid of another live process
+    that holds it, else None (a claim left by a dead process is taken over)."""
+    path = directory / CLAIM_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
@@ -134,6 +142,11 @@ def claim(cell: Cell) -> int | None:
 
 def release(cell: Cell) -> None:
     """Remove this process's claim on ``cell``."""
-    path = _claim_path(cell)
+    release_dir(cell.dir)
+
+
+def release_dir(directory: Path) -> None:
+    """Remove this process's claim on ``directory`` (`claim_dir`)."""
+    path = directory / CLAIM_FILE
     if path.exists() and path.read_text().strip() == str(os.getpid()):
         path.unlink()

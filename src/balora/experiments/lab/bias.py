@@ -47,6 +47,7 @@ from balora.experiments.paired import verdict as paired_verdict
 from balora.experiments.report import Say, say_print
 from balora.experiments.spec import LabSpec, load_lab_spec
 from balora.experiments.stats import stats
+from balora.experiments.store import claim_dir, release_dir
 from balora.utils import iter_jsonl, now_iso, write_json, write_text_atomic
 
 KEYS = ("base_model", "compare_dirs", "runs", "tasks", "limit", "batch_size", "data", "device")
@@ -362,13 +363,22 @@ def run(spec_path: str | Path, *, only_report: bool = False, show_progress: bool
             if not missing:
                 say(f"bias: [{i}/{len(models)}] {model['label']}: eval.json complete, skipped")
                 continue
-            say(f"bias: [{i}/{len(models)}] {model['label']}: {', '.join(missing)}")
-            # one harness call per distinct limit (it takes one limit for all its tasks); each merges
-            # its tasks into the model's eval.json
-            for limit in dict.fromkeys(limits[task] for task in missing):
-                evaluate(model["spec"], [t for t in missing if limits[t] == limit], limit=limit,
-                         out_dir=model["eval_dir"], batch_size=batch_size, progress=lambda m: say(f"  {m}"),
-                         device=device, data=data)
+            # several processes may share the models (one per core): each takes the unclaimed ones
+            owner = claim_dir(model["eval_dir"])
+            if owner is not None:
+                say(f"bias: [{i}/{len(models)}] {model['label']}: being evaluated by process {owner}, skipped")
+                continue
+            try:
+                missing = _missing_tasks(spec, model, tasks, limits)  # again: another process may have finished it
+                say(f"bias: [{i}/{len(models)}] {model['label']}: {', '.join(missing) or 'done meanwhile'}")
+                # one harness call per distinct limit (it takes one limit for all its tasks); each merges
+                # its tasks into the model's eval.json
+                for limit in dict.fromkeys(limits[task] for task in missing):
+                    evaluate(model["spec"], [t for t in missing if limits[t] == limit], limit=limit,
+                             out_dir=model["eval_dir"], batch_size=batch_size, progress=lambda m: say(f"  {m}"),
+                             device=device, data=data)
+            finally:
+                release_dir(model["eval_dir"])
     out = report(spec, models, tasks, limits)
     say(f"bias: report in {spec.output_dir / 'README.md'}")
     return out

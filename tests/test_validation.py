@@ -148,8 +148,8 @@ def test_library_dataclasses_refuse_bools_and_infinities():
     ("model.name=./no/such/model", "model.name: './no/such/model' is neither a local directory nor a hub id"),
     ("training.fp16=true", "training.fp16: half-precision training needs a GPU, and this run is on the CPU "
                            "(training.use_cpu is true); remove training.fp16 (the CPU trains in float32)"),
-    ("training.bf16=true", "training.bf16: half-precision training needs a GPU, and this run is on the CPU "
-                           "(training.use_cpu is true); remove training.bf16 (the CPU trains in float32)"),
+    ("training.bf16_full_eval=true", "training.bf16_full_eval: half-precision training needs a GPU, and this run "
+                                     "is on the CPU (training.use_cpu is true); remove training.bf16_full_eval"),
     ("model.dtype=bfloat16", "model.dtype: bfloat16 weights need a GPU, and this run is on the CPU "
                              "(training.use_cpu is true); set model.dtype: float32"),
     ("training.report_to=wandb", "training.report_to: 'wandb' is not installed here"),
@@ -169,12 +169,18 @@ def test_bad_values_are_refused_before_the_model_loads(nlu_run, no_model_loading
 
 def test_half_precision_on_a_cpu_only_machine(nlu_run, no_model_loading, capsys, monkeypatch):
     monkeypatch.setattr(preflight, "accelerator", lambda: None)
+    monkeypatch.setattr(preflight, "cpu_has_bf16", lambda: False)
     write, run = nlu_run
     err = _refused(capsys, write(), run, "training.use_cpu=false", "training.bf16=true")
-    assert "training.bf16: half-precision training needs a GPU, and this run is on the CPU (this machine has " \
-           "no GPU)" in err
-    monkeypatch.setattr(preflight, "accelerator", lambda: "cuda")  # a GPU: allowed, up to TrainingArguments
+    assert "training.bf16: half-precision training needs a GPU or a CPU with bfloat16, and this run is on the CPU " \
+           "(this machine has no GPU) and this CPU lacks native bfloat16 (AVX512-BF16 / AMX)" in err
     from balora.training.run_config import load_run_config
+
+    monkeypatch.setattr(preflight, "cpu_has_bf16", lambda: True)  # bf16 autocast on such a CPU: allowed
+    preflight._check_device(load_run_config(write(), ["training.use_cpu=false", "training.bf16=true"]))
+    with pytest.raises(ConfigError, match="training.fp16: half-precision training needs a GPU, and this run"):
+        preflight._check_device(load_run_config(write(), ["training.use_cpu=false", "training.fp16=true"]))
+    monkeypatch.setattr(preflight, "accelerator", lambda: "cuda")  # a GPU: allowed, up to TrainingArguments
 
     preflight._check_device(load_run_config(write(), ["training.use_cpu=false", "training.bf16=true"]))
 

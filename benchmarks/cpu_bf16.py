@@ -55,6 +55,12 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     state = copy.deepcopy(optimizer.state_dict())
 
+    def reset() -> None:  # the same starting point for both ways
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        optimizer.load_state_dict(state)
+
     def step(bf16: bool) -> tuple[float, float]:
         began = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -69,16 +75,10 @@ def main() -> None:
     model.train()
     for r in range(args.rounds):
         for way in ("float32", "bf16"):
-            with torch.no_grad():  # the same starting point for both ways
-                for p, p0 in zip(params, start):
-                    p.copy_(p0)
-            optimizer.load_state_dict(state)
+            reset()
             if r == 0:
                 step(way == "bf16")  # warm-up (oneDNN primitives), not timed
-                with torch.no_grad():
-                    for p, p0 in zip(params, start):
-                        p.copy_(p0)
-                optimizer.load_state_dict(state)
+                reset()
             for _ in range(args.steps):
                 seconds, loss = step(way == "bf16")
                 times[way].append(seconds)

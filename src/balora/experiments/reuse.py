@@ -55,23 +55,23 @@ def with_runs_of(cells: list[Cell], output_dirs: list[Path]) -> list[Cell]:
     return out
 
 
-def _training_differences(cell: Cell, source: Path) -> str | None:
-    """Why ``source`` did not train ``cell``'s configuration, or None when it did."""
+def _final_checkpoint(cell: Cell, source: Path) -> tuple[Path | None, str | None]:
+    """``source``'s final checkpoint when it trained ``cell``'s configuration, else (None, why not)."""
     from balora.training import run as run_module  # torch and transformers: only when a cell trains
     from balora.training.trainer import checkpoint_step, latest_complete_checkpoint
 
     refused, allowed = run_module.resume_differences(cell.config, source)
     grows = [t for t in allowed if t.split(":")[0] in run_module.RESUME_MAY_GROW]
     if refused or grows:
-        return "it trained another configuration (" + "; ".join((refused + grows)[:3]) + ")"
+        return None, "it trained another configuration (" + "; ".join((refused + grows)[:3]) + ")"
     status = read_status(source) or {}
     trained = status.get("trained") if status.get("state") == "finished" else None
     found, _ = latest_complete_checkpoint(source / "checkpoints")
     if found is None:
-        return "it kept no complete checkpoint"
+        return None, "it kept no complete checkpoint"
     if not trained or trained.get("global_step") != checkpoint_step(found):
-        return "its last checkpoint is not its final step"
-    return None
+        return None, "its last checkpoint is not its final step"
+    return found, None
 
 
 def adopt_training(cell: Cell, say: Say) -> bool:
@@ -79,21 +79,17 @@ def adopt_training(cell: Cell, say: Say) -> bool:
     configuration: the checkpoint, the configuration and the training record (time, final log) are
     copied into the cell's run directory, whose resume then only evaluates. False (nothing written) when
     the cell has started already or no candidate qualifies."""
-    from balora.training.trainer import latest_complete_checkpoint
-
     if not cell.trained_by or (cell.run_dir.is_dir() and any(cell.run_dir.iterdir())):
         return False
     reasons = []
     for source in cell.trained_by:
-        why = _training_differences(cell, source)
-        if why is None:
+        found, why = _final_checkpoint(cell, source)
+        if found is not None:
             break
         reasons.append(f"{source.parent.name}: {why}")
     else:
         say(f"  no finished run trained this configuration, training ({'; '.join(reasons[:2])})")
         return False
-    found, _ = latest_complete_checkpoint(source / "checkpoints")
-    assert found is not None  # checked by _training_differences
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(found, cell.run_dir / "checkpoints" / found.name)
     shutil.copy2(source / "config.yaml", cell.run_dir / "config.yaml")
